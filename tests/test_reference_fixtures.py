@@ -73,6 +73,26 @@ def test_one_training_step_matches_the_authors(path, method, kernel_path, monkey
             assert torch.equal(b, ref), name
 
 
+STREAMABLE = [p for p in FILES if json.loads(torch.load(p, weights_only=True)["meta"])["T"] >= 3]
+
+
+@pytest.mark.parametrize("path", STREAMABLE, ids=[p.stem for p in STREAMABLE])
+def test_streamed_spike_pass_matches_the_authors(path):
+    """The spike pass run over chunks of 2 steps (BatchNorm statistics from their own pass, 1-byte
+    spikes) gives the authors' gradients too."""
+    blob, meta, model = _load(path)
+    tm = rc.transform(model, time_chunk=2).train()
+    loss = F.cross_entropy(tm(blob["x_seq"]).mean(0), blob["y"])
+    loss.backward()
+    assert tm.compiled.program.meta["ratebp.streamed"].startswith("in chunks of at most 2")
+    assert abs(loss.item() - blob["rate"]["loss"].item()) <= 1e-5
+    for name, p, g in zip(blob["param_names"], model.parameters(), blob["rate"]["grads"]):
+        _assert_fixture_close(p.grad, meta["T"] * g, name)
+    for name, b, ref in zip(blob["buffer_names"], model.buffers(), blob["rate"]["buffers_after"]):
+        if b.dtype.is_floating_point:
+            _assert_fixture_close(b, ref, name)
+
+
 @pytest.mark.parametrize("path", FILES, ids=[p.stem for p in FILES])
 def test_eval_logits_match_the_authors(path):
     blob, meta, model = _load(path)
