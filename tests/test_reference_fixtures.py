@@ -16,6 +16,10 @@ from tests.conftest import FIXTURE_ATOL, FIXTURE_RTOL, reference_files
 FILES = reference_files()
 
 
+def _T(path):
+    return json.loads(torch.load(path, weights_only=True)["meta"])["T"]
+
+
 def _load(path):
     blob = torch.load(path, weights_only=True)
     meta = json.loads(blob["meta"])
@@ -37,6 +41,24 @@ def _assert_fixture_close(ours, ref, what):
     assert err <= bound, f"{what}: max error {err:.3e} > {bound:.3e}"
 
 
+def _assert_step_matches(blob, meta, model, out, key):
+    """Loss, time-mean logits, gradients (rate-based: T x the fixture's) and buffers after one step
+    with ``out`` as the model's output."""
+    scale = meta["T"] if key == "rate" else 1
+    logits = out.mean(0)
+    loss = F.cross_entropy(logits, blob["y"])
+    loss.backward()
+    _assert_fixture_close(logits.detach(), blob[key]["logits"], "logits")
+    assert abs(loss.item() - blob[key]["loss"].item()) <= 1e-5
+    for name, p, g in zip(blob["param_names"], model.parameters(), blob[key]["grads"]):
+        _assert_fixture_close(p.grad, scale * g, name)
+    for name, b, ref in zip(blob["buffer_names"], model.buffers(), blob[key]["buffers_after"]):
+        if b.dtype.is_floating_point:
+            _assert_fixture_close(b, ref, name)
+        else:
+            assert torch.equal(b, ref), name
+
+
 def _kernel_paths():
     """Where the fused ops run: the Triton kernels (on GPU, or interpreted on CPU) and, on CPU, also
     the ops' PyTorch reference."""
@@ -52,28 +74,17 @@ def test_one_training_step_matches_the_authors(path, method, kernel_path, monkey
     if kernel_path == "cpu-reference":
         monkeypatch.setattr(kernels.lif, "_INTERPRET", False)
     blob, meta, model = _load(path)
-    key, scale = ("rate", meta["T"]) if method == "ratebp" else ("bptt", 1)
+    key = "rate" if method == "ratebp" else "bptt"
     tm = rc.transform(model, method=method).train()
     out = tm(blob["x_seq"])
     graph = tm.compiled.program.spike if method == "ratebp" else tm.compiled.program
     neurons = [n.target for n in graph.graph.nodes if isinstance(n.target, NeuronSpec)]
     assert neurons and all(spec.fused for spec in neurons)
     assert out.shape == (meta["T"], meta["batch"], meta["num_classes"])
-    logits = out.mean(0)
-    loss = F.cross_entropy(logits, blob["y"])
-    loss.backward()
-    _assert_fixture_close(logits.detach(), blob[key]["logits"], "logits")
-    assert abs(loss.item() - blob[key]["loss"].item()) <= 1e-5
-    for name, p, g in zip(blob["param_names"], model.parameters(), blob[key]["grads"]):
-        _assert_fixture_close(p.grad, scale * g, name)
-    for name, b, ref in zip(blob["buffer_names"], model.buffers(), blob[key]["buffers_after"]):
-        if b.dtype.is_floating_point:
-            _assert_fixture_close(b, ref, name)
-        else:
-            assert torch.equal(b, ref), name
+    _assert_step_matches(blob, meta, model, out, key)
 
 
-STREAMABLE = [p for p in FILES if json.loads(torch.load(p, weights_only=True)["meta"])["T"] >= 3]
+STREAMABLE = [p for p in FILES if _T(p) >= 3]
 
 
 @pytest.mark.parametrize("path", STREAMABLE, ids=[p.stem for p in STREAMABLE])
@@ -82,15 +93,8 @@ def test_streamed_spike_pass_matches_the_authors(path):
     spikes) gives the authors' gradients too."""
     blob, meta, model = _load(path)
     tm = rc.transform(model, time_chunk=2).train()
-    loss = F.cross_entropy(tm(blob["x_seq"]).mean(0), blob["y"])
-    loss.backward()
+    _assert_step_matches(blob, meta, model, tm(blob["x_seq"]), "rate")
     assert tm.compiled.program.meta["ratebp.streamed"].startswith("in chunks of at most 2")
-    assert abs(loss.item() - blob["rate"]["loss"].item()) <= 1e-5
-    for name, p, g in zip(blob["param_names"], model.parameters(), blob["rate"]["grads"]):
-        _assert_fixture_close(p.grad, meta["T"] * g, name)
-    for name, b, ref in zip(blob["buffer_names"], model.buffers(), blob["rate"]["buffers_after"]):
-        if b.dtype.is_floating_point:
-            _assert_fixture_close(b, ref, name)
 
 
 @pytest.mark.parametrize("path", FILES, ids=[p.stem for p in FILES])
@@ -102,12 +106,10 @@ def test_eval_logits_match_the_authors(path):
     _assert_fixture_close(logits, blob["eval_logits"], "eval logits")
 
 
-@pytest.mark.parametrize("path", [p for p in FILES if json.loads(torch.load(p, weights_only=True)["meta"])["T"] > 1],
-                         ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", [p for p in FILES if _T(p) > 1], ids=lambda p: p.stem)
 def test_rate_gradients_are_not_bptt_gradients(path):
     """Only a faithful rate-based step can pass the test above: at T > 1 the two methods differ."""
-    blob = torch.load(path, weights_only=True)
-    T = json.loads(blob["meta"])["T"]
+    blob, T = torch.load(path, weights_only=True), _T(path)
     rate, bptt = blob["rate"]["grads"], blob["bptt"]["grads"]
     assert any(not torch.allclose(T * r, b, rtol=1e-2, atol=1e-4) for r, b in zip(rate, bptt))
 
@@ -116,16 +118,4 @@ def test_rate_gradients_are_not_bptt_gradients(path):
 def test_torch_compile_matches_the_authors(path):
     """The same step through torch.compile(model, backend="ratebp") with its default options (Inductor)."""
     blob, meta, model = _load(path)
-    out = torch.compile(model, backend="ratebp")(blob["x_seq"])
-    logits = out.mean(0)
-    loss = F.cross_entropy(logits, blob["y"])
-    loss.backward()
-    _assert_fixture_close(logits.detach(), blob["rate"]["logits"], "logits")
-    assert abs(loss.item() - blob["rate"]["loss"].item()) <= 1e-5
-    for name, p, g in zip(blob["param_names"], model.parameters(), blob["rate"]["grads"]):
-        _assert_fixture_close(p.grad, meta["T"] * g, name)
-    for name, b, ref in zip(blob["buffer_names"], model.buffers(), blob["rate"]["buffers_after"]):
-        if b.dtype.is_floating_point:
-            _assert_fixture_close(b, ref, name)
-        else:
-            assert torch.equal(b, ref), name
+    _assert_step_matches(blob, meta, model, torch.compile(model, backend="ratebp")(blob["x_seq"]), "rate")

@@ -11,7 +11,7 @@ import ratebp_compile as rc
 from ratebp_compile.graph_ops import per_step_batch_norm
 from ratebp_compile.nn import LIF, LIFCell, NeuronSpec, ParametricLIF, ParametricLIFCell
 from ratebp_compile.passes import fold_time
-from tests.passes.util import prepare
+from tests.passes.util import SingleBN, prepare
 
 
 class Multi(nn.Module):
@@ -125,23 +125,6 @@ def test_compiled_single_step_model_leaves_the_cells_state_as_eager_does():
     transformed.sn.reset(), transformed.sn2.reset()
     rc.transform(transformed)(x).sum().backward()
     assert transformed.sn.v is None                                   # transform leaves no state behind
-
-
-class SingleBN(nn.Module):
-    """BatchNorm inside the loop (statistics per step) and the outputs summed over the steps."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(2, 4, 3, padding=1)
-        self.bn = nn.BatchNorm2d(4)
-        self.sn = LIFCell(decay=0.3)
-        self.fc = nn.Linear(4, 5)
-
-    def forward(self, x):
-        out = 0
-        for x_t in x:
-            out = out + self.fc(self.sn(self.bn(self.conv(x_t))).mean((2, 3)))
-        return out / x.shape[0]
 
 
 def test_per_step_batchnorm_and_sum_over_steps():

@@ -11,10 +11,10 @@ from torch import nn
 import ratebp_compile as rc
 from ratebp_compile import models
 from ratebp_compile.graph_ops import chunk_batch_norm, chunk_batch_norm_
-from ratebp_compile.nn import LIF, LIFCell, Neuron, NeuronSpec, ParametricLIF, Sigmoid, spike
+from ratebp_compile.nn import LIF, Neuron, NeuronSpec, ParametricLIF, Sigmoid, spike
 from ratebp_compile.passes import stream_time
 from ratebp_compile.stream import StreamStage
-from tests.passes.util import Tiny, prepare, tiny_input
+from tests.passes.util import SingleBN, Tiny, prepare, tiny_input
 
 
 def _stages(program):
@@ -170,20 +170,8 @@ def test_merged_time_batch_layout():
     _assert_same_step(Wrap(model), x, input_layout="T*B")
 
 
-class _SingleBN(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(2, 4, 3, padding=1)
-        self.bn = nn.BatchNorm2d(4)
-        self.sn = LIFCell(decay=0.3)
-        self.fc = nn.Linear(4, 5)
-
-    def forward(self, x):
-        return torch.stack([self.fc(self.sn(self.bn(self.conv(x_t))).mean((2, 3))) for x_t in x])
-
-
 def test_per_step_batchnorm_of_a_single_step_model():
-    program = _assert_same_step(_SingleBN().double(), torch.rand(5, 4, 2, 5, 5, dtype=torch.float64) * 2)
+    program = _assert_same_step(SingleBN().double(), torch.rand(5, 4, 2, 5, 5, dtype=torch.float64) * 2)
     (sn,) = [m for m in _stages(program).values() if m.neuron is not None]
     assert sn.per_step == [True] and not sn.stats_graphs      # statistics per step: no extra pass
 

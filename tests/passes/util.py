@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from ratebp_compile.capture import capture
-from ratebp_compile.nn import LIF
+from ratebp_compile.nn import LIF, LIFCell
 from ratebp_compile.passes import PIPELINE, run_pipeline
 
 
@@ -24,6 +24,23 @@ class Tiny(nn.Module):
         y = self.bn(self.conv(x.flatten(0, 1)))
         y = self.sn(y.unflatten(0, (T, -1)))
         return self.fc(y.mean((3, 4)))
+
+
+class SingleBN(nn.Module):
+    """BatchNorm inside the loop (statistics per step) and the outputs summed over the steps."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.sn = LIFCell(decay=0.3)
+        self.fc = nn.Linear(4, 5)
+
+    def forward(self, x):
+        out = 0
+        for x_t in x:
+            out = out + self.fc(self.sn(self.bn(self.conv(x_t))).mean((2, 3)))
+        return out / x.shape[0]
 
 
 def prepare(model: nn.Module, args, upto: str, input_layouts=None, inclusive: bool = True, time_chunk=None):
