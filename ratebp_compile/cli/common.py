@@ -16,8 +16,8 @@ from .. import models
 from ..memory import LiveTensorTracker
 from .data import CLIError
 
-__all__ = ["pick_device", "build_model", "make_runner", "train_step", "StepMemory", "environment", "write_json",
-           "default_path", "MiB", "METHODS"]
+__all__ = ["pick_device", "build_model", "make_runner", "train_step", "StepMemory", "synchronize", "environment",
+           "write_json", "default_path", "command_line", "MiB", "METHODS"]
 
 MiB = 2 ** 20
 METHODS = ("ratebp", "bptt")

@@ -66,7 +66,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     opt.add_argument("--momentum", type=float, help=f"SGD momentum (default {d['momentum']:g})")
     opt.add_argument("--weight-decay", type=float, help=f"default {d['weight_decay']:g}")
     opt.add_argument("--schedule", choices=("cosine", "step", "none"),
-                     help=f"learning-rate schedule over the epochs (default {d['schedule']}; step: ×0.1 at 50%% and 75%%)")
+                     help=f"learning-rate schedule over the epochs (default {d['schedule']}; "
+                          f"step: ×0.1 at 50%% and 75%%)")
     opt.add_argument("--seed", type=int, nargs="+", default=None, help="one run per seed (default 0)")
     run = p.add_argument_group("run")
     run.add_argument("--save", help="checkpoint written after every epoch (one per method and seed: suffixed)")

@@ -5,7 +5,8 @@ fails here (CI runs this through tests/kernels/test_compile_targets.py).
 
 Each kernel is compiled (to a cubin) in variants chosen so that every value of every compile-time flag,
 every supported input dtype, uint8 spikes, both integer widths of the sizes, both the unrolled
-and the runtime time loop, and the resumable scan over a chunk of time appear at least once. Must run without ``TRITON_INTERPRET``.
+and the runtime time loop, and the resumable scan over a chunk of time appear at least once. Must
+run without ``TRITON_INTERPRET``.
 """
 from __future__ import annotations
 

@@ -2,15 +2,15 @@
 
 Every kernel reads the input currents ``[T, N]`` once and keeps the membrane (and, in the spike pass,
 κ, the accumulators r and e and, for a learned decay λ = 1 − sigmoid(w), μ = ∂h/∂λ) in registers across
-the time loop:
-the spike pass writes spikes plus r and e ``[N]``, no per-step state (or, run over a chunk of time,
-resumes from and saves its loop state ``[5 or 7, N]``); the BPTT forward writes spikes
+the time loop: the spike pass writes spikes plus r and e ``[N]``, no per-step state (or, run over a
+chunk of time, resumes from and saves its loop state ``[5 or 7, N]``); the BPTT forward writes spikes
 and the membrane before reset h (float32) — all its backward needs; the backward runs the time loop
 in reverse. The dynamics and eligibility are those of ``ratebp_compile.nn.functional`` (its module
 docstring has the equations), which is also this file's reference.
 
-This file, in order: Triton kernels; launchers; ``torch.library`` custom ops (``ratebp::lif_spike_pass``,
-``ratebp::lif_spike_scan`` — the same over a chunk of time —, ``ratebp::lif_bptt_forward`` with its autograd, ``ratebp::lif_bptt_backward``); pure-PyTorch references
+This file, in order: Triton kernels; launchers; ``torch.library`` custom ops
+(``ratebp::lif_spike_pass``, ``ratebp::lif_spike_scan`` — the same over a chunk of time —,
+``ratebp::lif_bptt_forward`` with its autograd, ``ratebp::lif_bptt_backward``); pure-PyTorch references
 (the numerical spec, the CPU path, the test oracle); the applicability predicate ``supports_lif``; and
 the entry points a ``NeuronSpec`` with ``fused=True`` calls.
 
@@ -571,7 +571,9 @@ def lif_spike_scan_reference(x, state, decay, decay_logit, v_threshold, v_reset,
     spikes, scan = RF.lif_spike_scan(x, scan, lam, decay_input=decay_input, v_threshold=v_threshold,
                                      v_reset=v_reset, detach_reset=detach_reset, surrogate=SURROGATES[surrogate](width),
                                      spike_dtype=spike_dtype)
-    carried = [(rows[0], scan.v), (rows[1], scan.kappa), (rows[2], scan.dvdh)] + ([(rows[5], scan.mu)] if tangent else [])
+    carried = [(rows[0], scan.v), (rows[1], scan.kappa), (rows[2], scan.dvdh)]
+    if tangent:
+        carried.append((rows[5], scan.mu))
     for row, value in carried:          # the scan rebinds these (r, e, Σψμ it updates in place)
         if isinstance(value, torch.Tensor):
             row.copy_(value)

@@ -1,7 +1,7 @@
 """A small spiking convolutional network, for small images (the 8×8 digits, MNIST-sized inputs).
 
-conv3×3(C→w)–BN–neuron–AvgPool2 – conv3×3(w→2w)–BN–neuron–AvgPool2 – adaptive average pool to 2×2 –
-Linear(8w → K); ``x_seq`` ``[T, B, C, H, W]`` → logits ``[T, B, K]``.
+conv3×3(C→w)–BN–neuron–AvgPool2 – conv3×3(w→2w)–BN–neuron–AvgPool2 – adaptive average pool to
+2×2 – Linear(8w → K); ``x_seq`` ``[T, B, C, H, W]`` → logits ``[T, B, K]``.
 """
 from __future__ import annotations
 

@@ -15,7 +15,8 @@ from .normalize_neurons import normalize_neurons
 from .stream_time import stream_time
 
 __all__ = ["PIPELINE", "BPTT_PIPELINE", "PassResult", "PassRecord", "run_pipeline", "normalize_neurons",
-           "fold_time", "infer_time_layout", "classify_ops", "build_spike_graph", "build_rate_graph", "fuse_lif", "stream_time"]
+           "fold_time", "infer_time_layout", "classify_ops", "build_spike_graph", "build_rate_graph", "fuse_lif",
+           "stream_time"]
 
 # Rate-based training step: captured graph -> program(spike graph, rate graph).
 PIPELINE = [

@@ -469,8 +469,9 @@ def stream_time(program: fx.GraphModule) -> PassResult:
     and stores the spikes, 1 byte each, for the later stages. A BatchNorm with statistics over time and
     batch in a cone costs one more pass over the chunks (its input's per-channel moments first, last
     chunk to first, then normalisation with them): the ops before it run twice on every chunk but the
-    first. Values two stages need are stored once; views are recomputed. With T at most one chunk, or a graph the streamed form does not handle
-    (the reason is recorded in ``program.meta["ratebp.streamed"]`` and warned), nothing changes.
+    first. Values two stages need are stored once; views are recomputed. With T at most one chunk, or
+    a graph the streamed form does not handle (the reason is recorded in
+    ``program.meta["ratebp.streamed"]`` and warned), nothing changes.
 
     Before (the program's spike graph, T = 16)::
 
