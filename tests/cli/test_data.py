@@ -1,7 +1,13 @@
 """Datasets and encodings of the command line."""
+import json
+import sys
+import types
+from pathlib import Path
+
 import pytest
 import torch
 
+from ratebp_compile.cli import main
 from ratebp_compile.cli.data import CLIError, encode, load_dataset
 
 
@@ -36,3 +42,62 @@ def test_missing_or_unknown_datasets_are_clear_errors(tmp_path):
         load_dataset("imagenet")
     with pytest.raises(CLIError, match="unknown encoding"):
         encode(torch.rand(1, 1, 2, 2), 2, "rate")
+
+
+class _StandIn:
+    """The part of a torchvision dataset class ``load_dataset`` uses, with torchvision's types: MNIST-style
+    ``data`` a uint8 tensor ``[N, H, W]`` and ``targets`` a tensor; CIFAR-style ``data`` a uint8 numpy
+    array ``[N, H, W, C]`` and ``targets`` a list. Raises RuntimeError, as torchvision does, when the
+    folder lacks the dataset."""
+
+    nhwc = False
+
+    def __init__(self, root, train, download):
+        assert download is False                          # never downloads
+        if not (Path(root) / type(self).__name__).is_dir():
+            raise RuntimeError("Dataset not found.")
+        n = 6 if train else 4
+        g = torch.Generator().manual_seed(int(train))
+        if self.nhwc:
+            self.data = torch.randint(0, 256, (n, 5, 5, 3), dtype=torch.uint8, generator=g).numpy()
+            self.targets = [i % 10 for i in range(n)]
+        else:
+            self.data = torch.randint(0, 256, (n, 7, 7), dtype=torch.uint8, generator=g)
+            self.targets = torch.arange(n) % 10
+
+
+def _fake_torchvision(monkeypatch):
+    datasets = types.SimpleNamespace(MNIST=type("MNIST", (_StandIn,), {}),
+                                     FashionMNIST=type("FashionMNIST", (_StandIn,), {}),
+                                     CIFAR10=type("CIFAR10", (_StandIn,), {"nhwc": True}))
+    monkeypatch.setitem(sys.modules, "torchvision", types.SimpleNamespace(datasets=datasets))
+    return datasets
+
+
+@pytest.mark.parametrize("name, cls, shape", [("mnist", "MNIST", (1, 7, 7)),
+                                              ("fashion-mnist", "FashionMNIST", (1, 7, 7)),
+                                              ("cifar10", "CIFAR10", (3, 5, 5))])
+def test_torchvision_datasets_become_nchw_images_in_0_1(monkeypatch, tmp_path, name, cls, shape):
+    datasets = _fake_torchvision(monkeypatch)
+    with pytest.raises(CLIError, match=f"{name} was not found in .*torchvision.datasets.{cls}\\("):
+        load_dataset(name, str(tmp_path))
+    (tmp_path / cls).mkdir()
+    data = load_dataset(name, str(tmp_path))
+    raw = getattr(datasets, cls)(str(tmp_path), train=True, download=False)
+    assert data.train_x.shape == (6,) + shape and data.test_x.shape == (4,) + shape and data.num_classes == 10
+    assert data.train_x.dtype == torch.float32 and data.train_y.dtype == torch.long
+    expected = torch.as_tensor(raw.data).float() / 255
+    expected = expected.permute(0, 3, 1, 2) if cls == "CIFAR10" else expected.unsqueeze(1)
+    assert torch.equal(data.train_x, expected)
+    assert data.train_y.tolist() == list(raw.targets if cls == "CIFAR10" else raw.targets.tolist())
+
+
+def test_train_on_a_torchvision_dataset(monkeypatch, tmp_path, capsys):
+    _fake_torchvision(monkeypatch)
+    (tmp_path / "CIFAR10").mkdir()
+    out = tmp_path / "run.json"
+    code = main(["train", "--data", "cifar10", "--data-dir", str(tmp_path), "--width", "4", "--T", "2", "--epochs", "1",
+                 "--device", "cpu", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    record = json.loads(out.read_text())
+    assert record["config"]["data"] == "cifar10" and len(record["runs"][0]["epochs"]) == 1
