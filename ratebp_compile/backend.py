@@ -8,7 +8,9 @@ Dynamo captures the forward (neuron modules appear as their fused custom op); th
 pipeline as ``transform`` on that graph and returns the program, whose spike graph (no autograd) and
 rate graph (through AOTAutograd) are compiled by ``options["compiler"]``: "inductor" (default),
 "aot_eager" or "eager" (debugging). Gradients equal ``transform``'s; with autograd off, or a graph whose
-BatchNorms use running statistics (eval mode), it compiles the plain SNN.
+BatchNorms use running statistics (eval mode), it compiles the plain SNN. The whole SNN must reach the
+backend as one graph: a training graph without neurons (a piece of the model Dynamo split off at a graph
+break) is refused with the break's cause and source line.
 
 Options: ``compiler``, ``method`` ("ratebp" | "bptt"), ``input_layout`` (as for ``transform``; module
 parameters and buffers are always static), ``grad_scale`` ("bptt" | "upstream"), ``time_chunk`` (as for
@@ -30,7 +32,7 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor
 
 from .capture import propagate_shapes
-from .errors import RateBPError
+from .errors import RateBPError, user_frame
 from .passes import BPTT_PIPELINE, PIPELINE, PassRecord, run_pipeline
 from .passes.infra import is_module_state, snapshot
 from .passes.stream_time import TIME_CHUNK
@@ -147,6 +149,33 @@ def _uses_running_statistics(gm: fx.GraphModule) -> bool:
     return bool(norms) and not any(training)
 
 
+def _has_neurons(gm: fx.GraphModule) -> bool:
+    """Dynamo records every neuron of ``ratebp_compile.nn`` as one of the package's custom ops."""
+    def ours(target) -> bool:
+        op = target.default if isinstance(target, torch._ops.OpOverloadPacket) else target
+        return isinstance(op, torch._ops.OpOverload) and op.namespace == "ratebp"
+
+    return any(n.op == "call_function" and ours(n.target) for n in gm.graph.nodes)
+
+
+def _no_neurons_error(gm: fx.GraphModule) -> RateBPError:
+    """The error for a training graph without neurons: almost always one piece of a model that Dynamo
+    split at a graph break, which the rate-based step cannot be built from."""
+    from torch._dynamo.utils import counters
+
+    reasons = [str(r).strip().splitlines()[0] for r in counters["graph_break"]][:3]
+    said = f" Graph breaks Dynamo reported: {'; '.join(reasons)}." if reasons else ""
+    frames = [user_frame(n.stack_trace) for n in gm.graph.nodes if n.op in ("call_function", "call_method")]
+    frames = [f for f in frames if f]
+    where = f" This piece of the model ends at {frames[-1]}." if frames else ""
+    return RateBPError(
+        "ratebp backend: Dynamo passed a training graph without spiking neurons. The rate-based step needs the "
+        "whole SNN in one graph, so a graph break most likely split the model." + said + where +
+        " torch._dynamo.explain(model)(x) lists the breaks; BatchNorm(momentum=None) causes one (it reads "
+        "num_batches_tracked as a Python number), and so does the forward of a custom Neuron subclass. "
+        "ratebp_compile.transform(model) does not go through Dynamo.")
+
+
 def _signature(args: Sequence[Any]) -> tuple:
     return tuple((tuple(a.shape), a.dtype, a.device) if isinstance(a, torch.Tensor) else ("value", a) for a in args)
 
@@ -210,6 +239,8 @@ def ratebp_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: O
     if opts["method"] == "plain" or not torch.is_grad_enabled() or _uses_running_statistics(gm):
         log.debug("ratebp backend: plain SNN graph (%s)", "eval" if torch.is_grad_enabled() else "no grad")
         return _compile_graph(gm, list(example_inputs), opts["compiler"])
+    if not _has_neurons(gm):
+        raise _no_neurons_error(gm)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     user_inputs = [p for p in placeholders if not is_module_state(p) and
                    isinstance(p.meta.get("example_value"), torch.Tensor)]
