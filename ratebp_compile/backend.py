@@ -32,7 +32,7 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor
 
 from .capture import propagate_shapes
-from .errors import RateBPError, user_frame
+from .errors import RateBPError, is_library_file
 from .passes import BPTT_PIPELINE, PIPELINE, PassRecord, run_pipeline
 from .passes.infra import is_module_state, snapshot
 from .passes.stream_time import TIME_CHUNK
@@ -158,22 +158,36 @@ def _has_neurons(gm: fx.GraphModule) -> bool:
     return any(n.op == "call_function" and ours(n.target) for n in gm.graph.nodes)
 
 
-def _no_neurons_error(gm: fx.GraphModule) -> RateBPError:
-    """The error for a training graph without neurons: almost always one piece of a model that Dynamo
-    split at a graph break, which the rate-based step cannot be built from."""
-    from torch._dynamo.utils import counters
+def _where(stack) -> str:
+    """`` at file:line in function: code`` for the innermost frame of the user's code in a Dynamo user
+    stack, followed by the innermost frame when that is in a library."""
+    def show(f) -> str:
+        return f"{f.filename}:{f.lineno} in {f.name}: {(f.line or '').strip()}"
 
-    reasons = [str(r).strip().splitlines()[0] for r in counters["graph_break"]][:3]
-    said = f" Graph breaks Dynamo reported: {'; '.join(reasons)}." if reasons else ""
-    frames = [user_frame(n.stack_trace) for n in gm.graph.nodes if n.op in ("call_function", "call_method")]
-    frames = [f for f in frames if f]
-    where = f" This piece of the model ends at {frames[-1]}." if frames else ""
-    return RateBPError(
-        "ratebp backend: Dynamo passed a training graph without spiking neurons. The rate-based step needs the "
-        "whole SNN in one graph, so a graph break most likely split the model." + said + where +
-        " torch._dynamo.explain(model)(x) lists the breaks; BatchNorm(momentum=None) causes one (it reads "
-        "num_batches_tracked as a Python number), and so does the forward of a custom Neuron subclass. "
-        "ratebp_compile.transform(model) does not go through Dynamo.")
+    if not stack:
+        return ""
+    users = [f for f in stack if not is_library_file(f.filename)]
+    text = f" at {show(users[-1] if users else stack[-1])}"
+    if users and users[-1] is not stack[-1]:
+        text += f" (inside {show(stack[-1])})"
+    return text
+
+
+def _no_neurons_error(gm: fx.GraphModule) -> RateBPError:
+    """The error for a training graph without neurons: a model without any, or one piece of a model
+    that Dynamo split at a graph break (the rate-based step needs the whole SNN in one graph)."""
+    reason = getattr(gm, "compile_subgraph_reason", None)         # set by Dynamo on the graphs it compiles
+    stack = reason.user_stack if reason is not None else None
+    hint = (" BatchNorm(momentum=None) breaks the graph (it reads num_batches_tracked as a Python number), and "
+            "so does the forward of a custom Neuron subclass; torch._dynamo.explain(model)(x) lists every break. "
+            "ratebp_compile.transform(model) does not go through Dynamo.")
+    if reason is None or not reason.graph_break:
+        return RateBPError(f"ratebp backend: the graph Dynamo passed, ending{_where(stack)}, has no spiking neurons: "
+                           f"the model has none, or a graph break split it, and the rate-based step needs the whole "
+                           f"SNN in one graph." + hint)
+    cause = reason.reason.strip().splitlines()[0] if reason.reason.strip() else "no reason given"
+    return RateBPError(f"ratebp backend: Dynamo broke the graph{_where(stack)} ({cause}), leaving a part of the "
+                       f"model without spiking neurons; the rate-based step needs the whole SNN in one graph." + hint)
 
 
 def _signature(args: Sequence[Any]) -> tuple:
