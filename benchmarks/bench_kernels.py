@@ -27,7 +27,7 @@ from ratebp_compile.nn import Sigmoid
 from ratebp_compile.nn import functional as RF
 
 DECAY, V_TH, ALPHA = 0.2, 1.0, 4.0
-OP_ARGS = dict(decay=DECAY, learned_decay=None, v_threshold=V_TH, v_reset=None, decay_input=False, detach_reset=True,
+OP_ARGS = dict(decay=DECAY, decay_logit=None, v_threshold=V_TH, v_reset=None, decay_input=False, detach_reset=True,
                surrogate="sigmoid", width=ALPHA)
 # Nominal DRAM bandwidth (bytes/s) by device name, used when the driver does not report it.
 NOMINAL_BANDWIDTH = {"H200": 4.8e12, "H100 SXM": 3.35e12, "H100 PCIe": 2.0e12, "H100": 3.35e12,

@@ -9,12 +9,7 @@ from . import lif, lif_cell
 from ._triton import AVAILABLE as _TRITON
 from ._triton import REASON as UNAVAILABLE_REASON
 
-__all__ = ["available", "triton_available", "supports", "lif", "lif_cell", "UNAVAILABLE_REASON"]
-
-
-def available() -> bool:
-    """Whether the fused custom ops are registered (always: they fall back to PyTorch)."""
-    return True
+__all__ = ["triton_available", "supports", "lif", "lif_cell", "UNAVAILABLE_REASON"]
 
 
 def triton_available() -> bool:

@@ -71,6 +71,8 @@ def compile_all(archs: List[int]) -> List[str]:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    from . import lif
+
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise RuntimeError("unset TRITON_INTERPRET: the interpreter does not compile kernels")
     lines = []
@@ -80,7 +82,7 @@ def compile_all(archs: List[int]) -> List[str]:
                 signature[key] = "constexpr"
             start = time.perf_counter()
             compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
-                                      target=GPUTarget("cuda", arch, 32), options={"num_warps": 4})
+                                      target=GPUTarget("cuda", arch, 32), options={"num_warps": lif.NUM_WARPS})
             lines.append(f"sm_{arch} {name}: {len(compiled.asm['cubin'])} bytes of cubin "
                          f"in {time.perf_counter() - start:.1f} s")
     return lines

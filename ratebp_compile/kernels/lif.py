@@ -36,7 +36,7 @@ __all__ = ["lif_spike_pass", "lif_spike_scan", "lif_bptt_forward", "lif_bptt_bac
            "lif_scan_state", "lif_scan_finish", "spec_from_op_args", "op_arguments"]
 
 # The surrogate of a kernel is a compile-time constant: its index here.
-SURROGATE_IDS = {"sigmoid": 0, "atan": 1, "rectangular": 2, "triangle": 3}
+SURROGATE_IDS = {name: i for i, name in enumerate(SURROGATES)}
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # Tuning constants. Not tuned on hardware yet (no GPU measurement so far): 1024 elements per program
@@ -352,22 +352,25 @@ def launch_lif_forward(x: torch.Tensor, decay: float, decay_logit: Optional[torc
     return spikes, h, r, e, el
 
 
-def launch_lif_backward(grad_spikes: torch.Tensor, h: torch.Tensor, x: torch.Tensor, decay: float,
+def launch_lif_backward(grad_spikes: torch.Tensor, h: torch.Tensor, x: Optional[torch.Tensor], decay: float,
                         decay_logit: Optional[torch.Tensor], v_threshold: float, v_reset: Optional[float],
                         decay_input: bool, detach_reset: bool, surrogate: str, width: float, decay_grad: bool):
-    """Run the reverse-time kernel; returns (grad_x like ``x``, per-element λ gradient float32 or None)."""
+    """Run the reverse-time kernel; returns (grad_x like ``grad_spikes``, per-element λ gradient float32 or
+    None). ``x`` is read only for the λ gradient with input decay (else it may be None)."""
     T = h.shape[0]
     N = _check_input("lif backward", grad_spikes, T)
     if h.dtype != torch.float32 or not h.is_contiguous() or h.shape != grad_spikes.shape:
         raise ValueError("lif backward: h must be the forward's contiguous float32 [T, N] membrane")
-    grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if x is None and decay_grad and decay_input:
+        raise ValueError("lif backward: the decay gradient with input decay needs x")
+    grad_x = torch.empty_like(grad_spikes)
     glam = torch.empty(h.shape[1:], dtype=torch.float32, device=h.device) if decay_grad else None
     if decay_logit is not None:
         decay_logit = decay_logit.detach().reshape(1).to(torch.float32)
     block = _block()
     if N > 0 and T > 0:
         _lif_backward_kernel[_grid(N, block)](
-            grad_spikes, h, x, decay_logit if decay_logit is not None else h, grad_x,
+            grad_spikes, h, x if x is not None else grad_spikes, decay_logit if decay_logit is not None else h, grad_x,
             glam if glam is not None else h, N, T, float(decay), float(v_threshold), float(v_reset or 0.0),
             float(width), T_STATIC=_static_T(T), DECAY_LOGIT=decay_logit is not None, DECAY_INPUT=decay_input,
             HARD_RESET=v_reset is not None, DETACH_RESET=detach_reset, SURROGATE=SURROGATE_IDS[surrogate],
@@ -399,8 +402,7 @@ def lif_spike_pass(x: torch.Tensor, decay: float, decay_logit: Optional[torch.Te
             write_h=False, write_stats=True, decay_tangent=decay_tangent, spike_dtype=spike_dtype)
     else:
         spikes, r, e, el = lif_spike_pass_reference(x, decay, decay_logit, v_threshold, v_reset, decay_input,
-                                                    detach_reset, surrogate, width, decay_tangent)
-        spikes = spikes.to(spike_dtype)
+                                                    detach_reset, surrogate, width, decay_tangent, spike_dtype)
     return spikes, r, e, el if decay_tangent else x.new_empty((0,))
 
 
@@ -489,16 +491,17 @@ def _(x, decay, decay_logit, v_threshold, v_reset, decay_input, detach_reset, su
 
 
 @torch.library.custom_op("ratebp::lif_bptt_backward", mutates_args=())
-def lif_bptt_backward(grad_spikes: torch.Tensor, h: torch.Tensor, x: torch.Tensor, decay: float,
+def lif_bptt_backward(grad_spikes: torch.Tensor, h: torch.Tensor, x: Optional[torch.Tensor], decay: float,
                       decay_logit: Optional[torch.Tensor], v_threshold: float, v_reset: Optional[float],
                       decay_input: bool, detach_reset: bool, surrogate: str, width: float,
                       decay_grad: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     """BPTT backward: (grad of x, grad of the decay logit — a 0-dim tensor of h's dtype, or empty unless
-    ``decay_grad``) from the spikes' gradient and the forward's h."""
+    ``decay_grad``) from the spikes' gradient and the forward's h. The input ``x`` is needed only for the
+    decay gradient with input decay; otherwise it may be None."""
     if _use_triton(grad_spikes):
         grad_x, glam = launch_lif_backward(
-            grad_spikes.contiguous(), h.contiguous(), x.contiguous(), decay, decay_logit, v_threshold, v_reset,
-            decay_input, detach_reset, surrogate, width, decay_grad)
+            grad_spikes.contiguous(), h.contiguous(), x.contiguous() if x is not None else None, decay, decay_logit,
+            v_threshold, v_reset, decay_input, detach_reset, surrogate, width, decay_grad)
         return grad_x, glam.sum() if decay_grad else h.new_empty((0,))
     grad_x, glam = lif_bptt_backward_reference(grad_spikes, h, x, decay, decay_logit, v_threshold, v_reset,
                                                decay_input, detach_reset, surrogate, width, decay_grad)
@@ -508,7 +511,7 @@ def lif_bptt_backward(grad_spikes: torch.Tensor, h: torch.Tensor, x: torch.Tenso
 @lif_bptt_backward.register_fake
 def _(grad_spikes, h, x, decay, decay_logit, v_threshold, v_reset, decay_input, detach_reset, surrogate, width,
       decay_grad):
-    return torch.empty_like(x), h.new_empty(() if decay_grad else (0,))
+    return torch.empty_like(grad_spikes), h.new_empty(() if decay_grad else (0,))
 
 
 def _bptt_setup(ctx, inputs, output):
@@ -519,14 +522,11 @@ def _bptt_setup(ctx, inputs, output):
     # x is needed only for the λ gradient with input decay; the h output always.
     keep_x = ctx.decay_grad and decay_input
     ctx.save_for_backward(output[1], x if keep_x else None, decay_logit)
-    ctx.x_meta = (x.shape, x.dtype)
 
 
 def _bptt_backward(ctx, grad_spikes, grad_h):
     h, x, decay_logit = ctx.saved_tensors
     args = dict(ctx.args, decay_logit=decay_logit)
-    if x is None:
-        x = h.new_empty(ctx.x_meta[0], dtype=ctx.x_meta[1])   # unread: only its shape and dtype are used
     grad_x, grad_decay = lif_bptt_backward(grad_spikes.contiguous(), h, x, decay_grad=ctx.decay_grad, **args)
     grad_logit = grad_decay.reshape(decay_logit.shape).to(decay_logit.dtype) if ctx.decay_grad else None
     return grad_x, None, grad_logit, None, None, None, None, None, None
@@ -542,17 +542,16 @@ def _lam(decay: float, decay_logit: Optional[torch.Tensor], dtype: torch.dtype =
     """(λ, dλ/dw): from the logit (λ = 1 − sigmoid(w)) or the constant ``decay`` (dλ/dw unused)."""
     if decay_logit is None:
         return decay, 0.0
-    sig = torch.sigmoid(decay_logit.detach().to(dtype).reshape(()))
-    return 1.0 - sig, -sig * (1.0 - sig)
+    return RF.decay_from_logit(decay_logit.detach().to(dtype).reshape(()))
 
 
 def lif_spike_pass_reference(x, decay, decay_logit, v_threshold, v_reset, decay_input, detach_reset, surrogate,
-                             width, decay_tangent):
+                             width, decay_tangent, spike_dtype=None):
     """``ratebp_compile.nn.functional.lif_spike_pass`` (closed-form eligibility) in this op's signature."""
     lam, dlam_dw = _lam(decay, decay_logit, _acc_dtype(x.dtype))
     out = RF.lif_spike_pass(x, lam, decay_input=decay_input, v_threshold=v_threshold, v_reset=v_reset,
                             detach_reset=detach_reset, surrogate=SURROGATES[surrogate](width),
-                            decay_tangent=decay_tangent)
+                            decay_tangent=decay_tangent, spike_dtype=spike_dtype)
     if not decay_tangent:
         return out + (None,)
     spikes, r, e, e_lam = out
@@ -610,7 +609,7 @@ def lif_bptt_backward_reference(grad_spikes, h, x, decay, decay_logit, v_thresho
     acc = h.dtype
     lam, dlam_dw = _lam(decay, decay_logit, acc)
     sg = SURROGATES[surrogate](width)
-    grad_x = torch.empty_like(x)
+    grad_x = torch.empty_like(grad_spikes)
     grad_v = torch.zeros(h.shape[1:], dtype=acc, device=h.device)
     glam = torch.zeros((), dtype=acc, device=h.device)
     for t in reversed(range(h.shape[0])):

@@ -9,18 +9,18 @@ handful of elementwise ops that PyTorch (and Inductor) already fuse, so there is
 the op's implementation is its PyTorch reference, on every device.
 
 In order: the custom op with its fake and autograd implementations; the reference; the
-applicability predicate; the entry point cells call; ``final_membrane`` (the state a folded loop
-hands back to the model).
+applicability predicate (that of ``lif``); the entry point cells call; ``final_membrane`` (the state
+a folded loop hands back to the model).
 """
 from __future__ import annotations
 
-import math
 from typing import Optional, Tuple
 
 import torch
 
 from ..nn import functional as RF
 from ..nn.surrogate import SURROGATES
+from .lif import _lam, _op_args, supports_lif
 
 __all__ = ["lif_cell_step", "lif_cell_step_reference", "supports_lif_cell", "cell_step", "final_membrane"]
 
@@ -56,9 +56,8 @@ def _backward(ctx, grad_spike, grad_v_next):
     decay, v_threshold, v_reset, decay_input, detach_reset, surrogate, width = ctx.args
     lam, dlam_dw = _lam(decay, decay_logit, x.dtype)
     v0 = torch.zeros_like(x) if v is None else v
-    h = RF.charge(v0, x, lam, decay_input)
+    s, _, h = lif_cell_step_reference(x, v0, decay, decay_logit, v_threshold, v_reset, decay_input)
     u = h - v_threshold
-    s = (u >= 0).to(x.dtype)
     psi = SURROGATES[surrogate](width).grad(u)
     g_h = psi * (grad_spike if grad_spike is not None else 0.0)
     if grad_v_next is not None:
@@ -78,13 +77,6 @@ lif_cell_step.register_autograd(_backward, setup_context=_setup)
 # =============================================================================================
 # Reference
 # =============================================================================================
-def _lam(decay: float, decay_logit: Optional[torch.Tensor], dtype: torch.dtype):
-    if decay_logit is None:
-        return decay, 0.0
-    sig = torch.sigmoid(decay_logit.detach().to(dtype).reshape(()))
-    return 1.0 - sig, -sig * (1.0 - sig)
-
-
 @torch.no_grad()
 def lif_cell_step_reference(x, v, decay, decay_logit, v_threshold, v_reset, decay_input):
     """(spike, v_next, h): one step of ``nn.functional``'s LIF update."""
@@ -97,16 +89,8 @@ def lif_cell_step_reference(x, v, decay, decay_logit, v_threshold, v_reset, deca
 # =============================================================================================
 # Applicability predicate and entry points
 # =============================================================================================
-def supports_lif_cell(spec, x: torch.Tensor) -> bool:
-    """A LIF-family cell with one of the four surrogates, on floating-point input."""
-    return (spec.kind in ("lif", "if", "plif") and spec.surrogate is not None and spec.surrogate.name in SURROGATES
-            and x.dtype.is_floating_point)
-
-
-def _op_args(spec, params):
-    return (float(spec.decay if spec.decay is not None else math.nan), params[0] if spec.kind == "plif" else None,
-            spec.v_threshold, spec.v_reset, spec.decay_input, spec.detach_reset, spec.surrogate.name,
-            float(spec.surrogate.width))
+#: A cell's step runs as the op exactly when its multi-step neuron runs as the fused ops.
+supports_lif_cell = supports_lif
 
 
 def cell_step(spec, x: torch.Tensor, v: Optional[torch.Tensor], *params: torch.Tensor):

@@ -35,9 +35,15 @@ from torch.nn.utils.stateless import _reparametrize_module
 from .surrogate import Surrogate, spike
 
 __all__ = ["lif_step", "lif_multistep", "lif_spike_pass", "lif_spike_scan", "LIFScan", "generic_spike_pass",
-           "generic_spike_scan", "GenericScan", "rate_neuron", "charge", "reset", "dv_dh"]
+           "generic_spike_scan", "GenericScan", "rate_neuron", "charge", "reset", "dv_dh", "decay_from_logit"]
 
 Decay = Union[float, torch.Tensor]
+
+
+def decay_from_logit(w: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(λ, dλ/dw) of a learned decay (ParametricLIF): λ = 1 − sigmoid(w), dλ/dw = −σ(w)(1 − σ(w))."""
+    sig = torch.sigmoid(w)
+    return 1.0 - sig, -sig * (1.0 - sig)
 
 
 def charge(v: torch.Tensor, c: torch.Tensor, decay: Decay, decay_input: bool) -> torch.Tensor:
@@ -147,15 +153,15 @@ def lif_spike_scan(x_seq: torch.Tensor, state: LIFScan, decay: Decay, *, decay_i
 
 def lif_spike_pass(x_seq: torch.Tensor, decay: Decay, *, decay_input: bool, v_threshold: float,
                    v_reset: Optional[float], detach_reset: bool, surrogate: Surrogate,
-                   decay_tangent: bool = False) -> Tuple[torch.Tensor, ...]:
+                   decay_tangent: bool = False, spike_dtype: Optional[torch.dtype] = None) -> Tuple[torch.Tensor, ...]:
     """The exact LIF forward over ``x_seq`` ``[T, ...]`` without autograd, in closed form.
 
-    Returns ``(spikes [T, ...], r [...], e [...])``, plus ``e_λ = ∂r/∂λ`` when ``decay_tangent``.
-    Accumulation is in float32 for half-precision inputs.
+    Returns ``(spikes [T, ...], r [...], e [...])``, plus ``e_λ = ∂r/∂λ`` when ``decay_tangent``; spikes
+    in ``spike_dtype`` (default ``x_seq``'s). Accumulation is in float32 for half-precision inputs.
     """
     spikes, state = lif_spike_scan(x_seq, LIFScan.start(x_seq[0], decay_tangent), decay, decay_input=decay_input,
                                    v_threshold=v_threshold, v_reset=v_reset, detach_reset=detach_reset,
-                                   surrogate=surrogate)
+                                   surrogate=surrogate, spike_dtype=spike_dtype)
     return (spikes,) + state.finish(x_seq.dtype)
 
 

@@ -116,11 +116,11 @@ class _LIFBase(Neuron):
         return s, (v,)
 
     def forward(self, x):
-        x_seq = self._sequence(x)
+        self._sequence(x)                  # checks the shape
         spec = self.spec()
         if kernels.supports(spec, x):      # the fused BPTT custom op (one node for torch.compile)
-            return spec.with_fused()(x, *(getattr(self, name) for name in spec.param_names))
-        return RF.lif_multistep(x_seq, self._decay(), **self._kwargs()).view(x.shape)
+            spec = spec.with_fused()
+        return spec(x, *(getattr(self, name) for name in spec.param_names))
 
     def extra_repr(self):
         reset = "soft" if self.v_reset is None else f"hard({self.v_reset:g})"
@@ -188,7 +188,7 @@ class ParametricLIF(_LIFBase):
         self.w = nn.Parameter(torch.tensor(-math.log(init_tau - 1.0)))
 
     def _decay(self):
-        return 1.0 - torch.sigmoid(self.w)
+        return RF.decay_from_logit(self.w)[0]
 
     def spec(self):
         return NeuronSpec(kind="plif", time_steps=self.time_steps, param_names=("w",), **self._kwargs())
@@ -212,8 +212,7 @@ class _Cell:
         if kernels.lif_cell.supports_lif_cell(spec, x_t):   # one custom-op node per step for torch.compile
             s, self.v = kernels.lif_cell.cell_step(spec, x_t, self.v, *(getattr(self, p) for p in spec.param_names))
             return s
-        v = torch.zeros_like(x_t) if self.v is None else self.v
-        s, self.v = RF.lif_step(v, x_t, self._decay(), **self._kwargs())
+        s, (self.v,) = self.step(x_t, (torch.zeros_like(x_t) if self.v is None else self.v,))
         return s
 
     def spec(self) -> NeuronSpec:

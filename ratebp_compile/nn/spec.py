@@ -106,7 +106,7 @@ class NeuronSpec:
     def decay_of(self, params: Tuple[torch.Tensor, ...]):
         """λ as a float, or as a tensor computed from the learnable parameter (ParametricLIF)."""
         if self.kind == "plif":
-            return 1.0 - torch.sigmoid(params[0])
+            return RF.decay_from_logit(params[0])[0]
         return self.decay
 
     def empty_outputs(self, x: torch.Tensor, *params: torch.Tensor):
@@ -142,11 +142,9 @@ class NeuronSpec:
         if self.kind == "custom":
             spikes, r, e, *e_params = RF.generic_spike_pass(self.module, x_seq, self.param_names)
         elif self.kind == "plif":
-            w = params[0]
-            spikes, r, e, e_lam = RF.lif_spike_pass(x_seq, self.decay_of(params).detach(), decay_tangent=True,
-                                                    **self._lif_kwargs())
-            sig = torch.sigmoid(w.detach())
-            e_params = [e_lam * (-sig * (1.0 - sig))]      # dλ/dw = −σ(w)(1 − σ(w))
+            lam, dlam_dw = RF.decay_from_logit(params[0].detach())
+            spikes, r, e, e_lam = RF.lif_spike_pass(x_seq, lam, decay_tangent=True, **self._lif_kwargs())
+            e_params = [e_lam * dlam_dw]
         else:
             spikes, r, e = RF.lif_spike_pass(x_seq, self.decay, **self._lif_kwargs())
             e_params = []
@@ -185,8 +183,7 @@ class NeuronSpec:
             out = carry.finish(self.param_names)
         elif self.kind == "plif":
             r, e, e_lam = carry.finish(dtype)
-            sig = torch.sigmoid(params[0].detach())
-            out = (r, e, e_lam * (-sig * (1.0 - sig)))
+            out = (r, e, e_lam * RF.decay_from_logit(params[0].detach())[1])
         else:
             out = carry.finish(dtype)
         return tuple(t.to(dtype).reshape(shape) for t in out)

@@ -131,6 +131,8 @@ def test_non_contiguous_input():
     gx, _ = torch.ops.ratebp.lif_bptt_backward(grad, h, x, **args, decay_grad=False)
     gx_ref, _ = torch.ops.ratebp.lif_bptt_backward(grad.contiguous(), h, x.contiguous(), **args, decay_grad=False)
     assert torch.equal(gx, gx_ref)
+    gx_without_x, _ = torch.ops.ratebp.lif_bptt_backward(grad, h, None, **args, decay_grad=False)
+    assert torch.equal(gx_without_x, gx_ref)          # x is read only for the decay gradient with input decay
 
 
 def _autograd_bptt(x, args):

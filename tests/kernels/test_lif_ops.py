@@ -44,12 +44,12 @@ def test_opcheck_bptt_forward(learned, v_reset):
                           (_x(3, 2, 5, requires_grad=True), float("nan") if learned else 0.4, decay), dict(COMMON, v_reset=v_reset))
 
 
-@pytest.mark.parametrize("decay_grad", [False, True])
-def test_opcheck_bptt_backward(decay_grad):
+@pytest.mark.parametrize("decay_grad,with_x", [(False, True), (True, True), (False, False)])
+def test_opcheck_bptt_backward(decay_grad, with_x):
     x = _x(3, 2, 5)
     _, h = torch.ops.ratebp.lif_bptt_forward(x, 0.4, None, **dict(COMMON, v_reset=None))
     torch.library.opcheck(torch.ops.ratebp.lif_bptt_backward.default,
-                          (torch.randn_like(x), h, x, 0.4, torch.tensor(0.4, device=DEVICE)),
+                          (torch.randn_like(x), h, x if with_x else None, 0.4, torch.tensor(0.4, device=DEVICE)),
                           dict(COMMON, v_reset=None, decay_grad=decay_grad))
 
 
