@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import traceback
 import weakref
 from dataclasses import dataclass
 from typing import Any, Deque, Dict, List, Optional, Sequence
@@ -32,10 +33,12 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor
 
 from .capture import propagate_shapes
-from .errors import RateBPError, is_library_file
-from .passes import BPTT_PIPELINE, PIPELINE, PassRecord, run_pipeline
+from .errors import RateBPError, user_frame
+from .oprules import arg
+from .passes import GRAD_SCALES, METHODS, PassRecord, compile_step
+from .passes.batchnorm_parts import is_batchnorm
+from .passes.infer_time_layout import input_layouts
 from .passes.infra import is_module_state, snapshot
-from .passes.stream_time import TIME_CHUNK
 from .stream import DEFAULT_TIME_CHUNK, StreamStage, check_time_chunk
 
 __all__ = ["ratebp_backend", "step_settings", "compiled_for", "COMPILERS"]
@@ -43,7 +46,7 @@ __all__ = ["ratebp_backend", "step_settings", "compiled_for", "COMPILERS"]
 log = logging.getLogger(__name__)
 
 COMPILERS = ("inductor", "aot_eager", "eager")
-_OPTION_VALUES = {"compiler": COMPILERS, "method": ("ratebp", "bptt"), "grad_scale": ("bptt", "upstream")}
+_OPTION_VALUES = {"compiler": COMPILERS, "method": METHODS, "grad_scale": GRAD_SCALES}
 _DEFAULTS = {"compiler": "inductor", "method": "ratebp", "input_layout": "TB", "grad_scale": "bptt",
              "time_chunk": DEFAULT_TIME_CHUNK}
 
@@ -123,10 +126,6 @@ class CompiledGraph(nn.Module):
             self._fn = _compile_graph(self.graph_module, list(args), self.compiler)
         return self._fn(*args)
 
-    @property
-    def code(self) -> str:
-        return self.graph_module.code
-
 
 def _read_step_settings(gm: fx.GraphModule) -> Dict[fx.Node, tuple]:
     """Remove ``step_settings`` marks; returns {marked placeholder: (layout, method, grad_scale, time_chunk)}."""
@@ -144,9 +143,8 @@ def _read_step_settings(gm: fx.GraphModule) -> Dict[fx.Node, tuple]:
 
 def _uses_running_statistics(gm: fx.GraphModule) -> bool:
     """Every BatchNorm in the graph normalises with running statistics: the model is in eval mode."""
-    norms = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is torch.nn.functional.batch_norm]
-    training = [n.args[5] if len(n.args) > 5 else n.kwargs.get("training", False) for n in norms]
-    return bool(norms) and not any(training)
+    norms = [n for n in gm.graph.nodes if is_batchnorm(n, gm)]
+    return bool(norms) and not any(arg(n, 5, "training", False) for n in norms)
 
 
 def _has_neurons(gm: fx.GraphModule) -> bool:
@@ -161,16 +159,12 @@ def _has_neurons(gm: fx.GraphModule) -> bool:
 def _where(stack) -> str:
     """`` at file:line in function: code`` for the innermost frame of the user's code in a Dynamo user
     stack, followed by the innermost frame when that is in a library."""
-    def show(f) -> str:
-        return f"{f.filename}:{f.lineno} in {f.name}: {(f.line or '').strip()}"
-
     if not stack:
         return ""
-    users = [f for f in stack if not is_library_file(f.filename)]
-    text = f" at {show(users[-1] if users else stack[-1])}"
-    if users and users[-1] is not stack[-1]:
-        text += f" (inside {show(stack[-1])})"
-    return text
+    inner = stack[-1]
+    inner = f"{inner.filename}:{inner.lineno} in {inner.name}: {(inner.line or '').strip()}"
+    user = user_frame("".join(traceback.format_list(stack)))
+    return f" at {user} (inside {inner})" if user and user != inner else f" at {user or inner}"
 
 
 def _no_neurons_error(gm: fx.GraphModule) -> RateBPError:
@@ -209,22 +203,19 @@ class RateBPCompiledFunction:
         sig = _signature(args)
         program = self.programs.get(sig)
         if program is None:
-            program = self.programs[sig] = self._build(list(args))
+            program = self.programs[sig] = self._build(list(args), sig)
         return program(*args)
 
-    def _build(self, args: List[Any]):
+    def _build(self, args: List[Any], sig: tuple):
         gm = snapshot(self.gm)
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-        gm.meta["ratebp.input_layouts"] = self.layouts
-        gm.meta["ratebp.upstream_grad_scale"] = self.opts["grad_scale"] == "upstream"
         gm.meta["ratebp.model"] = "torch.compile graph"
-        gm.meta[TIME_CHUNK] = self.opts["time_chunk"]
         propagate_shapes(gm, args)
-        history: List[PassRecord] = [PassRecord("capture", True, 0.0, gm.code, snapshot(gm))]
-        program = run_pipeline(gm, PIPELINE if self.opts["method"] == "ratebp" else BPTT_PIPELINE, history)
+        program, history = compile_step(gm, input_layouts=self.layouts, method=self.opts["method"],
+                                        grad_scale=self.opts["grad_scale"], time_chunk=self.opts["time_chunk"])
         state = tuple(weakref.ref(a) for a, p in zip(args, placeholders) if is_module_state(p))
         _RECENT.append(BackendCompiled(program, history, self.opts, state))
-        log.debug("ratebp backend: built the %s program for %s", self.opts["method"], _signature(args))
+        log.debug("ratebp backend: built the %s program for %s", self.opts["method"], sig)
         if self.opts["method"] == "bptt":
             return CompiledGraph(program, self.opts["compiler"])
         if any(isinstance(m, StreamStage) for m in program.spike.modules()):
@@ -258,8 +249,7 @@ def ratebp_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: O
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     user_inputs = [p for p in placeholders if not is_module_state(p) and
                    isinstance(p.meta.get("example_value"), torch.Tensor)]
-    layout = opts["input_layout"]
-    layouts = [layout] * len(user_inputs) if isinstance(layout, str) else list(layout)
+    layouts = input_layouts(opts["input_layout"], len(user_inputs))
     if len(layouts) != len(user_inputs):
         raise RateBPError(f"input_layout lists {len(layouts)} layouts for {len(user_inputs)} tensor inputs")
     by_input = {p: marks.get(p, (lay,))[0] for p, lay in zip(user_inputs, layouts)}

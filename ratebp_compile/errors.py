@@ -7,7 +7,7 @@ from typing import Optional
 
 import torch.fx
 
-__all__ = ["RateBPError", "ApproximationWarning", "user_frame", "describe_node", "is_library_file"]
+__all__ = ["RateBPError", "ApproximationWarning", "user_frame", "describe_node"]
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 _MODELS_DIR = os.path.join(_PACKAGE_DIR, "models")   # the model zoo is user code as far as errors go
@@ -28,7 +28,7 @@ class ApproximationWarning(UserWarning):
     non-linear activation, a product of two time-varying tensors, ...)."""
 
 
-def is_library_file(path: str) -> bool:
+def _is_library_file(path: str) -> bool:
     path = os.path.abspath(path)
     if path.startswith(_MODELS_DIR + os.sep):
         return False
@@ -40,7 +40,7 @@ def user_frame(stack_trace: Optional[str]) -> Optional[str]:
     user's code rather than torch's or ours, as ``"file.py:12 in forward: y = self.pool(x)"``."""
     if not stack_trace:
         return None
-    frames = [m for m in _FRAME_RE.finditer(stack_trace) if not is_library_file(m["file"])]
+    frames = [m for m in _FRAME_RE.finditer(stack_trace) if not _is_library_file(m["file"])]
     if not frames:
         return None
     m = frames[-1]

@@ -16,8 +16,10 @@ import torch
 import torch.fx as fx
 
 from .errors import RateBPError, user_frame
+from .graph_ops import rate_batch_norm, rate_neuron, spike_batch_norm
 from .nn.neuron import Neuron, _Cell
 from .nn.spec import NeuronSpec
+from .stream import StreamStage
 
 __all__ = ["to_dot", "to_svg", "node_kind", "op_label"]
 
@@ -39,10 +41,10 @@ def node_kind(node: fx.Node) -> str:
     """neuron / batchnorm / exact / approximate / refused / static / state / io, or "" if unknown."""
     if node.op in ("placeholder", "output"):
         return "io"
-    if isinstance(node.target, NeuronSpec) or getattr(node.target, "__name__", "") == "rate_neuron" or \
+    if isinstance(node.target, NeuronSpec) or node.target is rate_neuron or \
             (node.op == "call_module" and "ratebp.neuron" in node.meta):          # a streamed neuron's stage
         return "neuron"
-    if getattr(node.target, "__name__", "") in ("spike_batch_norm", "rate_batch_norm"):
+    if node.target in (spike_batch_norm, rate_batch_norm):
         return "batchnorm"
     cls = node.meta.get("ratebp.class")
     if cls is not None:
@@ -66,7 +68,7 @@ def op_label(node: fx.Node, gm: Optional[fx.GraphModule] = None) -> str:
         return op_label_of_spec(node.target)
     if node.op == "call_module":
         module = gm.get_submodule(node.target) if gm is not None else None
-        if getattr(module, "bounds", None) is not None and hasattr(module, "value_graphs"):   # a StreamStage
+        if isinstance(module, StreamStage):
             what = "stored" if module.neuron is None else op_label_of_spec(module.neuron)
             return f"stream[{what}, {len(module.bounds)} chunks]"
         return f"{type(module).__name__}" if module is not None else str(node.target)

@@ -23,18 +23,13 @@ from torch import nn
 
 from .capture import capture
 from .errors import RateBPError
-from .passes import BPTT_PIPELINE, PIPELINE, PassRecord, run_pipeline
-from .passes.infra import snapshot
-from .passes.stream_time import TIME_CHUNK
+from .passes import GRAD_SCALES, METHODS, PassRecord, compile_step
+from .passes.infer_time_layout import INPUT_LAYOUTS, input_layouts
 from .stream import DEFAULT_TIME_CHUNK, check_time_chunk
 
 __all__ = ["transform", "RateBPModule", "Compiled"]
 
 log = logging.getLogger(__name__)
-
-METHODS = ("ratebp", "bptt")
-GRAD_SCALES = {"bptt": False, "upstream": True}
-
 
 @dataclass
 class Compiled:
@@ -42,7 +37,6 @@ class Compiled:
 
     program: fx.GraphModule
     history: List[PassRecord]          # history[0] is the capture
-    signature: Tuple
 
 
 def _signature(args: Sequence[Any], model: nn.Module) -> Tuple:
@@ -58,12 +52,12 @@ def _signature(args: Sequence[Any], model: nn.Module) -> Tuple:
 
 def _check_input_ranks(names, args, layouts) -> None:
     for name, a, layout in zip(names, args, layouts):
-        if not isinstance(a, torch.Tensor):
+        time = INPUT_LAYOUTS[layout]
+        if not isinstance(a, torch.Tensor) or time is None:
             continue
-        need = {"TB": 2, "T*B": 1}.get(layout, 0)
-        if a.dim() < need:
+        if a.dim() < (1 if time.merged else 2):
             raise RateBPError(f"input '{name}' has shape {tuple(a.shape)}, but a "
-                              f"{'[T, B, ...]' if layout == 'TB' else '[T·B, ...]'} input was expected "
+                              f"{'[T·B, ...]' if time.merged else '[T, B, ...]'} input was expected "
                               f"(wrong input rank, or pass input_layout='static' for inputs without time)")
 
 
@@ -146,20 +140,14 @@ class RateBPModule(nn.Module):
 
     def _compile(self, args: List[Any], sig) -> Compiled:
         names = list(inspect.signature(self._model.forward).parameters)
-        layouts = self._input_layout
-        layouts = [layouts] * len(args) if isinstance(layouts, str) else list(layouts)
+        layouts = input_layouts(self._input_layout, len(args))
         _check_input_ranks(names, args, layouts)
         start = time.perf_counter()
         gm = capture(self._model, args)
-        gm.meta["ratebp.input_layouts"] = layouts
-        gm.meta["ratebp.upstream_grad_scale"] = GRAD_SCALES[self.grad_scale]
-        gm.meta[TIME_CHUNK] = self.time_chunk
-        history: List[PassRecord] = [PassRecord("capture", True, time.perf_counter() - start, gm.code,
-                                                snapshot(gm))]
-        pipeline = PIPELINE if self.method == "ratebp" else BPTT_PIPELINE
-        program = run_pipeline(gm, pipeline, history)
-        log.debug("compiled %s for %s (%s passes)", type(self._model).__name__, sig, len(pipeline))
-        return Compiled(program, history, sig)
+        program, history = compile_step(gm, input_layouts=layouts, method=self.method, grad_scale=self.grad_scale,
+                                        time_chunk=self.time_chunk, capture_seconds=time.perf_counter() - start)
+        log.debug("compiled %s for %s", type(self._model).__name__, sig)
+        return Compiled(program, history)
 
     @property
     def compiled(self) -> Optional[Compiled]:
@@ -184,8 +172,7 @@ class RateBPModule(nn.Module):
         args = self._positional(args, kwargs)
         training = self.training and (self.method == "bptt" or torch.is_grad_enabled())
         method = self.method if training else "plain"
-        layouts = self._input_layout
-        layouts = [layouts] * len(args) if isinstance(layouts, str) else list(layouts)
+        layouts = input_layouts(self._input_layout, len(args))
         marked = [step_settings(a, lay, method, self.grad_scale, self.time_chunk) if isinstance(a, torch.Tensor) else a
                   for a, lay in zip(args, layouts)]
         return self._model(*marked)
@@ -214,7 +201,7 @@ def transform(model: nn.Module, *, method: str = "ratebp", example_inputs: Optio
     if method not in METHODS:
         raise RateBPError(f"method must be one of {METHODS}, got {method!r}")
     if grad_scale not in GRAD_SCALES:
-        raise RateBPError(f"grad_scale must be one of {tuple(GRAD_SCALES)}, got {grad_scale!r}")
+        raise RateBPError(f"grad_scale must be one of {GRAD_SCALES}, got {grad_scale!r}")
     if isinstance(model, RateBPModule):
         raise RateBPError("this model is already transformed; pass the original model (RateBPModule.model)")
     check_time_chunk(time_chunk)

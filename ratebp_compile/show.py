@@ -20,6 +20,7 @@ import torch
 import torch.fx as fx
 
 from .errors import RateBPError, user_frame
+from .passes.stream_time import STREAMED
 from .render import node_kind, op_label, to_dot, to_svg
 from .stream import StreamStage
 
@@ -138,7 +139,7 @@ def memory_summary(compiled) -> str:
 def spike_table(program) -> str:
     """The spike graph; when it is streamed, each stage's ops (run on one chunk of time at a time)."""
     spike = _graph(program.spike)
-    lines = [graph_table(spike), "", f"time: {program.meta.get('ratebp.streamed', 'all T steps at once')}"]
+    lines = [graph_table(spike), "", f"time: {program.meta.get(STREAMED, 'all T steps at once')}"]
     for name, stage in spike.named_children():
         if isinstance(stage, StreamStage):
             lines.append(f"  {name}: {stage.description}")

@@ -34,6 +34,7 @@ EXACT, APPROXIMATE, REFUSED, STATIC, NEURON, BATCHNORM, STATE = \
 class OpClass:
     kind: str
     reason: str = ""
+    sums_over_time: bool = False      # a sum over the time axis: the rate pass (one step) multiplies by T
 
     def __str__(self):
         return f"{self.kind}: {self.reason}" if self.reason else self.kind
@@ -71,6 +72,8 @@ def classify(node: torch.fx.Node, info: Optional[OpInfo], ctx: Context, batchnor
             return OpClass(APPROXIMATE, "dropout draws a different mask in the rate pass")
         if is_temporal(out):
             return OpClass(EXACT, "repeats a static tensor over time")
+        if batchnorm_uses_batch_stats:
+            return OpClass(STATIC, "BatchNorm of a static tensor (running statistics from the spike pass)")
         return OpClass(STATIC)
     name = info.name
     if info.family == "state":
@@ -84,7 +87,7 @@ def classify(node: torch.fx.Node, info: Optional[OpInfo], ctx: Context, batchnor
     if reduction in ("mean", "nanmean"):
         return OpClass(EXACT, "mean over time")
     if reduction in ("sum", "nansum"):
-        return OpClass(EXACT, "sum over time (the rate pass multiplies by T)")
+        return OpClass(EXACT, "sum over time (the rate pass multiplies by T)", sums_over_time=True)
     if reduction is not None:
         return OpClass(REFUSED, f"{name} over the time axis mixes timesteps")
     n_temporal = sum(1 for l in inputs.values() if is_temporal(l))

@@ -14,7 +14,7 @@ import torch.fx
 from ..time_layout import Layout, Mixed, TimeLayout, is_temporal, reshape_layout, shift_axis
 from .table import OpInfo
 
-__all__ = ["Context", "arg", "output_layout", "holds_tensors"]
+__all__ = ["Context", "arg", "op_dims", "output_layout", "holds_tensors"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -56,6 +56,14 @@ def _norm_dims(dim, ndim: int) -> Optional[Tuple[int, ...]]:
 
 def _module(node, gm):
     return gm.get_submodule(node.target) if node.op == "call_module" else None
+
+
+def op_dims(node, gm) -> Optional[Tuple[int, ...]]:
+    """The dimensions a reduction or softmax (function, method or module) works over, non-negative;
+    None means all of them."""
+    module = _module(node, gm)
+    dim = module.dim if module is not None else arg(node, 1, "dim")
+    return _norm_dims(dim, len(_shape(node.args[0])))
 
 
 @dataclass
@@ -387,7 +395,8 @@ def output_layout(node: torch.fx.Node, info: Optional[OpInfo], ctx: Context) -> 
             return _time_source(node, ctx, info)
         return None
     if info is None:
-        return Mixed("an op ratebp_compile does not know receives a temporal tensor")
+        name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+        return Mixed(f"'{name}', an op ratebp_compile does not know, receives a temporal tensor")
     if info.family == "einsum":
         return Mixed("einsum on temporal tensors is not supported (write it with matmul/linear)")
     if info.family in _DATA_FIRST and not isinstance(ctx.layout(node.args[0]), TimeLayout):

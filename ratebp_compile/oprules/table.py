@@ -71,7 +71,6 @@ _FAMILIES: Dict[str, Dict[str, bool]] = {
     "feature_last": {"linear": True, "bilinear": False},
     "layer_norm": {"layer_norm": False, "rms_norm": False},
     "softmax": {n: False for n in ("softmax", "log_softmax", "softmin")},
-    "batchnorm": {"batch_norm": True},
     "reduce": {**{n: True for n in ("mean", "sum", "nansum", "nanmean")},
                **{n: False for n in ("amax", "amin", "max", "min", "std", "var", "norm", "logsumexp", "prod",
                                      "argmax", "argmin", "all", "any", "median", "var_mean", "std_mean")}},
@@ -140,11 +139,9 @@ def _build_function_table() -> Tuple[Dict[Any, OpInfo], Dict[str, OpInfo]]:
                 if fn is not None and callable(fn):
                     functions.setdefault(fn, info)
     functions[builtins.getattr] = OpInfo("meta", "getattr", True)
-    functions[operator.matmul] = OpInfo("matmul", "matmul", True)
-    functions[operator.getitem] = OpInfo("getitem", "getitem", True)
-    functions[operator.neg] = OpInfo("pointwise", "neg", True)
     functions[operator.pos] = OpInfo("pointwise", "positive", True)
     functions[torch.einsum] = OpInfo("einsum", "einsum", False)
+    # BatchNorm only in the forms batchnorm_parts reads (torch.batch_norm orders its arguments differently)
     functions[F.batch_norm] = OpInfo("batchnorm", "batch_norm", True)
     from ..graph_ops import per_step_batch_norm
     from ..kernels.lif_cell import final_membrane

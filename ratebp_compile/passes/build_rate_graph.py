@@ -4,7 +4,6 @@ from __future__ import annotations
 import operator
 from typing import Dict, List
 
-import torch
 import torch.fx as fx
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
@@ -12,13 +11,12 @@ from ..capture import propagate_shapes
 from ..graph_ops import (batch_norm_no_update, rate_batch_norm, rate_neuron, route_gradient, time_average,
                          update_batch_norm_stats)
 from ..nn.spec import NeuronSpec
-from ..oprules import BATCHNORM, EXACT, STATE, op_info
-from ..time_layout import TimeLayout, rate_shape
-from .batchnorm_parts import batchnorm_parts, is_batchnorm
+from ..oprules import BATCHNORM, STATE, op_info
+from ..time_layout import TimeLayout
+from .batchnorm_parts import batchnorm_parts, is_batchnorm, uses_batch_statistics
 from .build_spike_graph import AUX, OUTPUT_INDEX, SOURCE, _ident
-from .classify_ops import uses_batch_statistics
 from .infra import PassResult, check_values, copy_meta, postcondition, require
-from .retime import is_constant, retimed_shape_op, retimes
+from .retime import is_constant, retimed_shape_op, retimed_value, retimes
 
 __all__ = ["build_rate_graph"]
 
@@ -95,7 +93,7 @@ class _RateBuilder:
             return self.new(node, "call_method", method, args)
         copied = self.g.node_copy(node, self.mapped)
         copied.meta["ratebp.pass"] = PASS
-        if cls is not None and cls.kind == EXACT and cls.reason.startswith("sum over time"):
+        if cls is not None and cls.sums_over_time:
             return self.new(node, "call_function", operator.mul, (copied, self.T))
         return copied
 
@@ -172,7 +170,7 @@ def build_rate_graph(program: fx.GraphModule) -> PassResult:
     first_update = next((n for n in g.nodes if n.target is update_batch_norm_stats), None)
     output = next(n for n in g.nodes if n.op == "output")
     scale = 1.0 / T if program.meta.get("ratebp.upstream_grad_scale") else 1.0
-    rate_values = [_rate_value(src, T) for src in source_placeholders]
+    rate_values = [retimed_value(src, T) for src in source_placeholders]
     propagate_shapes(rate, rate_values + [n.meta["val"] for n in aux_nodes])
     rate_outputs = [a.meta["val"] if isinstance(a, fx.Node) else a
                     for a in next(n for n in rate.graph.nodes if n.op == "output").args[0]]
@@ -201,12 +199,3 @@ def build_rate_graph(program: fx.GraphModule) -> PassResult:
     output.args = (tree_unflatten([routed.get(l, l) for l in leaves], spec),)
     program.recompile()
     return PassResult(program, True)
-
-
-def _rate_value(placeholder: fx.Node, T: int):
-    """An input's value in the rate pass: its time average (same dtype and device)."""
-    val = placeholder.meta.get("val")
-    lay = placeholder.meta.get("ratebp.time")
-    if isinstance(val, torch.Tensor) and isinstance(lay, TimeLayout):
-        return val.new_empty(rate_shape(val.shape, lay, T))
-    return val

@@ -8,11 +8,11 @@ import torch.fx as fx
 
 from ..errors import ApproximationWarning, RateBPError, describe_node
 from ..nn.spec import NeuronSpec
-from ..oprules import APPROXIMATE, NEURON, REFUSED, STATIC, Context, OpClass, classify, op_info
-from .batchnorm_parts import uses_batch_statistics
+from ..oprules import APPROXIMATE, NEURON, REFUSED, Context, OpClass, classify, op_info
+from .batchnorm_parts import is_batchnorm, uses_batch_statistics
 from .infra import PassResult, postcondition, require
 
-__all__ = ["classify_ops", "uses_batch_statistics"]
+__all__ = ["classify_ops"]
 
 
 def _check(gm: fx.GraphModule) -> None:
@@ -54,11 +54,8 @@ def classify_ops(gm: fx.GraphModule) -> PassResult:
         if isinstance(node.target, NeuronSpec):
             cls = OpClass(NEURON, node.target.describe())
         else:
-            info = op_info(node, gm)
-            bn_batch = info is not None and info.family == "batchnorm" and uses_batch_statistics(node, gm)
-            cls = classify(node, info, ctx, bn_batch)
-            if cls.kind == STATIC and bn_batch:
-                cls = OpClass(STATIC, "BatchNorm of a static tensor (running statistics from the spike pass)")
+            bn_batch = is_batchnorm(node, gm) and uses_batch_statistics(node, gm)
+            cls = classify(node, op_info(node, gm), ctx, bn_batch)
         node.meta["ratebp.class"] = cls
         if cls.kind == REFUSED:
             refused.append(f"  {describe_node(node, gm)}: {cls.reason}")

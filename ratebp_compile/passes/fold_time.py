@@ -15,6 +15,7 @@ from ..kernels.lif import op_arguments, spec_from_op_args
 from ..kernels.lif_cell import final_membrane
 from ..nn.neuron import _Cell
 from ..oprules import op_info
+from ..oprules.layout import op_dims
 from .batchnorm_parts import is_batchnorm
 from .infra import PassResult, copy_meta, is_module_state, postcondition, require
 
@@ -316,20 +317,18 @@ class _Folder:
             method = "expand" if info.name in ("expand", "expand_as", "broadcast_to") else "reshape"
             return copy_meta(g.call_method(method, (arg(node.args[0]), (T * val.shape[0],) + tuple(val.shape[1:]))),
                              node, PASS)
-        if info is None or (info.family not in _PER_SAMPLE and not self._per_sample_reduction(node, info)):
+        if info is None or (info.family not in _PER_SAMPLE and not self._per_sample_reduction(node, info, gm)):
             raise RateBPError(f"{PASS}: cannot fold {describe_node(node, gm)} into one op over all timesteps "
                               f"(it does not treat the samples of a step independently)")
         return copy_meta(g.node_copy(node, arg), node, PASS)
 
     @staticmethod
-    def _per_sample_reduction(node: fx.Node, info) -> bool:
+    def _per_sample_reduction(node: fx.Node, info, gm: fx.GraphModule) -> bool:
         """A reduction over dimensions other than the batch's."""
         if info.family not in ("reduce", "softmax"):
             return False
-        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-        dims = [dim] if isinstance(dim, int) else list(dim or [])
-        ndim = node.args[0].meta["val"].dim()
-        return bool(dims) and all((d % ndim) != 0 for d in dims)
+        dims = op_dims(node, gm)
+        return dims is not None and 0 not in dims
 
     def _over_steps(self, values) -> Optional[fx.Node]:
         """Step 0's node if ``values`` are one value of the same body node per step, in step order."""

@@ -1,7 +1,7 @@
 """infer_time_layout: which tensors are temporal, and where their time axis is."""
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict, List, Optional, Sequence, Union
 
 import torch.fx as fx
 
@@ -11,10 +11,20 @@ from ..oprules import Context, op_info, output_layout
 from ..time_layout import Layout, TimeLayout
 from .infra import PassResult, postcondition, require, tensor_val
 
-__all__ = ["infer_time_layout", "INPUT_LAYOUTS"]
+__all__ = ["infer_time_layout", "INPUT_LAYOUTS", "input_layouts"]
 
 # gm.meta["ratebp.input_layouts"]: one entry per placeholder, in order.
 INPUT_LAYOUTS = {"TB": TimeLayout(0, False), "T*B": TimeLayout(0, True), "static": None, None: None}
+
+
+def input_layouts(layout: Union[str, Sequence[str]], n: int) -> List[str]:
+    """The ``input_layout`` option as one layout per input (one name for all, or a list), checked."""
+    layouts = [layout] * n if isinstance(layout, str) else list(layout)
+    for lay in layouts:
+        if lay is None or lay not in INPUT_LAYOUTS:
+            raise RateBPError(f"input layout must be 'TB', 'T*B' or 'static' (input_layout: one for all inputs, "
+                              f"or a list), got {lay!r}")
+    return layouts
 
 
 def _neuron_T(node: fx.Node) -> Optional[int]:

@@ -44,8 +44,11 @@ class PassRecord:
     name: str
     modified: bool
     seconds: float
-    code: str
     graph: fx.GraphModule = field(repr=False)
+
+    @property
+    def code(self) -> str:
+        return self.graph.code
 
 
 PassFn = Callable[[fx.GraphModule], PassResult]
@@ -85,15 +88,14 @@ def run_pipeline(gm: fx.GraphModule, pipeline: Sequence[PassFn], history: Option
         post = getattr(pass_fn, "postcondition", None)
         if post is not None:
             post(gm)
-        code = gm.code
         log.debug("pass %s: modified=%s in %.1f ms", name, result.modified, seconds * 1e3)
         if history is not None:
-            history.append(PassRecord(name, result.modified, seconds, code, snapshot(gm)))
+            history.append(PassRecord(name, result.modified, seconds, snapshot(gm)))
         if dump_dir:
             os.makedirs(dump_dir, exist_ok=True)
             index = len(history) if history is not None else 0
             with open(os.path.join(dump_dir, f"{index:02d}_{name}.py"), "w") as f:
-                f.write(code)
+                f.write(gm.code)
     return gm
 
 

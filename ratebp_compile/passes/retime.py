@@ -7,7 +7,7 @@ arguments; :func:`retimed_shape_op` rebuilds them from the recorded output shape
 """
 from __future__ import annotations
 
-from typing import Any, Tuple
+from typing import Any, Optional, Tuple
 
 import torch
 import torch.fx as fx
@@ -16,7 +16,7 @@ from ..oprules import OpInfo
 from ..time_layout import TimeLayout, rate_shape
 from .infra import tensor_val
 
-__all__ = ["is_constant", "retimes", "retimed_shape_op"]
+__all__ = ["is_constant", "retimes", "retimed_shape_op", "retimed_value"]
 
 _CONSTANT_TYPES = (int, float, bool, str, torch.dtype, torch.device, torch.Size, torch.memory_format)
 
@@ -26,6 +26,15 @@ def is_constant(val) -> bool:
     if isinstance(val, (list, tuple)):
         return len(val) > 0 and all(isinstance(v, _CONSTANT_TYPES) for v in val)
     return isinstance(val, _CONSTANT_TYPES)
+
+
+def retimed_value(node: fx.Node, T: int, steps: int = 1, dtype: Optional[torch.dtype] = None):
+    """``node``'s recorded value on ``steps`` of the T steps (an empty tensor, for shape propagation; in
+    ``dtype`` if given); a value without a time axis as it is."""
+    val, lay = node.meta.get("val"), node.meta.get("ratebp.time")
+    if isinstance(val, torch.Tensor) and isinstance(lay, TimeLayout):
+        return val.new_empty(rate_shape(val.shape, lay, T, steps), dtype=dtype or val.dtype)
+    return val
 
 
 def retimes(node: fx.Node, info) -> bool:

@@ -16,10 +16,10 @@ from ..nn.spec import NeuronSpec
 from ..oprules import APPROXIMATE, op_info
 from ..oprules.table import is_inplace_method
 from ..stream import StageInput, StreamStage, chunk_bounds
-from ..time_layout import TimeLayout, rate_shape
-from .build_spike_graph import SOURCE, _ident
-from .infra import PassResult, check_values, copy_meta, postcondition, require, tensor_val
-from .retime import is_constant, retimed_shape_op, retimes
+from ..time_layout import TimeLayout, is_temporal, rate_shape
+from .build_spike_graph import _ident
+from .infra import PassResult, check_values, copy_meta, getattr_path, postcondition, require, tensor_val
+from .retime import is_constant, retimed_shape_op, retimed_value, retimes
 
 __all__ = ["stream_time", "TIME_CHUNK", "STREAMED"]
 
@@ -55,11 +55,6 @@ def _is_getitem_of(node: fx.Node, pred) -> bool:
         and pred(node.args[0])
 
 
-def _temporal(node: fx.Node) -> bool:
-    lay = node.meta.get("ratebp.time")
-    return isinstance(lay, TimeLayout) or (isinstance(lay, tuple) and any(isinstance(l, TimeLayout) for l in lay))
-
-
 class _Planner:
     """Which nodes of the spike graph are computed per chunk inside a stage ("stream"), which are
     stored whole for all T steps, and the stage (sink) that computes each stored value."""
@@ -85,7 +80,7 @@ class _Planner:
             return "stream"
         if _is_getitem_of(node, _batchnorm):
             return "stream" if node.args[1] == 0 else "bn_stat"
-        return "stream" if _temporal(node) else "static"
+        return "stream" if is_temporal(node.meta.get("ratebp.time")) else "static"
 
     def _free(self, node: fx.Node) -> bool:
         info = op_info(node, self.spike)
@@ -263,20 +258,12 @@ class _StageBuilder:
 
     def _check_shapes(self, gm: fx.GraphModule, copies: Dict[fx.Node, fx.Node], known, n: int, kept) -> None:
         """Shape-propagate a chunk graph and check that every temporal value has n of the T steps."""
-        args = []
-        for leaf in self.leaves:
-            val = leaf.meta.get("val")
-            lay = leaf.meta.get("ratebp.time")
-            if isinstance(lay, TimeLayout):
-                val = val.new_empty(rate_shape(val.shape, lay, self.T, n), dtype=self.stored_dtype.get(leaf, val.dtype))
-            args.append(val)
+        args = [retimed_value(leaf, self.T, n, self.stored_dtype.get(leaf)) for leaf in self.leaves]
         for bn in known:
             bn_stat = [u for u in bn.users if u.args[1] in (1, 2)]
             mean = next(u for u in bn_stat if u.args[1] == 1).meta["val"]
             args += [mean, mean]
-        for bn in kept:
-            x = bn.args[0]
-            args.append(x.meta["val"].new_empty(rate_shape(x.meta["val"].shape, x.meta["ratebp.time"], self.T, n)))
+        args += [retimed_value(bn.args[0], self.T, n) for bn in kept]
         try:
             propagate_shapes(gm, args)
         except Exception as e:       # an op whose arguments hold T in a way retiming does not rewrite
@@ -291,26 +278,25 @@ class _StageBuilder:
     def build(self) -> StreamStage:
         lengths = sorted({length for _, length in self.bounds})
         value_graphs, stats_graphs, first_graphs = {}, {}, {}
+        valued = self.bounds
         if self.batch_bns:          # the first chunk's BatchNorm inputs are left over from the statistics pass
             first = self.bounds[0][1]
             first_graphs[str(first)] = self.chunk_graph([self.value_node], self.batch_bns, first, per_step_stats=True,
                                                         kept=self.batch_bns)
-        for n in lengths:
+            valued = self.bounds[1:]
+        for n in sorted({length for _, length in valued}):
             value_graphs[str(n)] = self.chunk_graph([self.value_node], self.batch_bns, n, per_step_stats=True)
+        for n in lengths:
             for j, bn in enumerate(self.batchnorms):
                 if _batchnorm(bn) == "batch":
                     known = self.batch_bns[:self.batch_bns.index(bn)]
                     stats_graphs[f"{j}_{n}"] = self.chunk_graph([bn.args[0]], known, n, per_step_stats=False)
-        value = self.sink if not self.neuron else self.neuron_input
+        value = self.value_node
         val = tensor_val(value)
         return StreamStage(
             self.T, self.bounds, self.stage_inputs(), self.neuron, tuple(val.shape), value.meta["ratebp.time"],
             val.dtype, [bn.name for bn in self.batchnorms], [_batchnorm(bn) == "step" for bn in self.batchnorms],
             value_graphs, stats_graphs, first_graphs, self.describe())
-
-    @property
-    def neuron_input(self) -> fx.Node:
-        return self.sink.args[0]
 
     def describe(self) -> str:
         passes = len(self.batch_bns) + 1
@@ -424,7 +410,7 @@ def _build(spike: fx.GraphModule, T: int, chunk: int) -> fx.GraphModule:
         else:
             env[node] = g.node_copy(node, outside)
             if node.op == "get_attr":
-                root[node.target] = _attr(spike, node.target)
+                root[node.target] = getattr_path(spike, node.target)
     for node in list(g.nodes):
         if node.op == "get_attr" and not node.users:      # used only inside the stages
             g.erase_node(node)
@@ -441,13 +427,6 @@ def _build(spike: fx.GraphModule, T: int, chunk: int) -> fx.GraphModule:
 def _n_outputs(stage: StreamStage) -> int:
     neuron = stage.neuron
     return 1 + (2 + len(neuron.param_names) if neuron is not None else 0) + 2 * len(stage.batchnorms)
-
-
-def _attr(gm: fx.GraphModule, path: str):
-    obj = gm
-    for part in path.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _check(program: fx.GraphModule) -> None:
@@ -506,9 +485,9 @@ def stream_time(program: fx.GraphModule) -> PassResult:
     neuron runs outside a stage and every node of the spike graph has ``meta["val"]``; the spike
     graph's outputs are those of the unstreamed one (BatchNorm statistics to rounding).
     """
-    T = program.meta.get("ratebp.T") or program.meta[SOURCE].meta.get("ratebp.T")
+    T = program.meta["ratebp.T"]
     chunk = program.meta.get(TIME_CHUNK)
-    if chunk is None or T is None or T <= chunk:
+    if chunk is None or T <= chunk:
         program.meta[STREAMED] = "all T steps at once" + (f" (T = {T} ≤ time_chunk = {chunk})" if chunk else "")
         return PassResult(program, False)
     try:

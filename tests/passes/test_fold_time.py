@@ -182,6 +182,34 @@ class LastStep(nn.Module):
         return s
 
 
+class SoftmaxBody(nn.Module):
+    """A softmax module over the features inside the loop: per sample, so it folds."""
+
+    def __init__(self, multi=False):
+        super().__init__()
+        self.fc, self.sm, self.sn = nn.Linear(3, 3), nn.Softmax(dim=-1), (LIF() if multi else LIFCell())
+
+    def forward(self, x):
+        if isinstance(self.sn, LIFCell):
+            return torch.stack([self.sn(self.sm(self.fc(x_t) * 4)) for x_t in x])
+        return self.sn(self.sm(self.fc(x) * 4))
+
+
+def test_softmax_module_over_features_folds():
+    single = SoftmaxBody().double()
+    multi = SoftmaxBody(multi=True).double()
+    multi.load_state_dict(single.state_dict())
+    x = torch.rand(4, 2, 3, dtype=torch.float64)
+    with pytest.warns(rc.ApproximationWarning, match="softmax"):
+        out_single = rc.transform(single)(x)
+    with pytest.warns(rc.ApproximationWarning, match="softmax"):
+        out_multi = rc.transform(multi)(x)
+    torch.testing.assert_close(out_single, out_multi, rtol=0, atol=1e-12)
+    out_single.sum().backward(), out_multi.sum().backward()
+    for (name, p), q in zip(multi.named_parameters(), single.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-10, atol=1e-12, msg=name)
+
+
 class Uneven(nn.Module):
     def __init__(self):
         super().__init__()
