@@ -1,6 +1,7 @@
 """Shared test configuration: one tolerance table, fixed seeds, the reference fixtures' location."""
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 
@@ -34,6 +35,18 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, msg: str = "") ->
         return
     rtol, atol = TOLERANCES[expected.dtype]
     torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, msg=msg or None)
+
+
+def snapshot_model(model: torch.nn.Module):
+    """What must survive a failed transform: the state and every module's attributes."""
+    return copy.deepcopy(model.state_dict()), {n: sorted(vars(m)) for n, m in model.named_modules()}
+
+
+def assert_model_unchanged(model: torch.nn.Module, snap) -> None:
+    state, attrs = snap
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    assert {n: sorted(vars(m)) for n, m in model.named_modules()} == attrs
 
 
 @pytest.fixture(autouse=True)

@@ -139,21 +139,6 @@ def test_streamed_spike_pass_through_the_backend(compiler):
     assert rb.compiled_for(tm.model).program.meta["ratebp.streamed"].startswith("in chunks of at most 3")
 
 
-def test_cumulative_batchnorm_statistics_with_transform():
-    """BatchNorm(momentum=None) averages the statistics of every step so far: transform's steps update the
-    running statistics as the plain model's train-mode steps do (both normalise over time and batch)."""
-    model = Tiny()
-    model.bn.momentum = None
-    plain = copy.deepcopy(model)
-    tm = rc.transform(model)
-    for seed in (0, 1):
-        x = tiny_input() + seed
-        tm(x), plain(x)
-    assert model.bn.num_batches_tracked.item() == 2
-    for (name, b), c in zip(model.named_buffers(), plain.buffers()):
-        torch.testing.assert_close(b, c, rtol=1e-6, atol=1e-7, msg=name)
-
-
 def test_a_graph_break_that_splits_the_snn_is_a_clear_error():
     """BatchNorm(momentum=None) makes Dynamo break the graph (float(num_batches_tracked)): the piece before
     the break has no neurons, so no rate-based step can be built. The error says why and where; the

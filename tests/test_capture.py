@@ -11,6 +11,7 @@ from torch import nn
 import ratebp_compile as rc
 from ratebp_compile.capture import capture, propagate_shapes
 from ratebp_compile.nn import LIF
+from tests.conftest import assert_model_unchanged, snapshot_model
 
 LINE = re.compile(r"test_capture\.py:\d+")
 
@@ -62,7 +63,8 @@ def test_topology_trains_with_transform():
         tm = rc.transform(m)
         out = tm(torch.rand(3, 2, 2, 6, 6))
     out.sum().backward()
-    assert all(p.grad is not None for p in m.parameters())
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters())
+    assert any(p.grad.abs().sum() > 0 for p in m.parameters())
 
 
 def test_capture_and_propagation_have_no_side_effects():
@@ -72,16 +74,6 @@ def test_capture_and_propagation_have_no_side_effects():
     propagate_shapes(gm, [torch.rand(3, 2, 2, 6, 6)])
     for k, v in m.state_dict().items():
         assert torch.equal(v, before[k]), k
-
-
-def _assert_unchanged(model, state, attrs):
-    for k, v in model.state_dict().items():
-        assert torch.equal(v, state[k]), k
-    assert {name: sorted(vars(mod)) for name, mod in model.named_modules()} == attrs
-
-
-def _snapshot(model):
-    return copy.deepcopy(model.state_dict()), {name: sorted(vars(mod)) for name, mod in model.named_modules()}
 
 
 class ControlFlow(nn.Module):
@@ -138,7 +130,7 @@ class WithForeign(nn.Module):
 ], ids=["control-flow", "stateful", "foreign-neuron"])
 def test_refused_at_capture_with_source_line(model, pattern):
     m = model()
-    state, attrs = _snapshot(m)
+    snap = snapshot_model(m)
     with pytest.raises(rc.RateBPError, match=re.compile(pattern, re.S)):
         rc.transform(m)(torch.rand(3, 2, 3))
-    _assert_unchanged(m, state, attrs)
+    assert_model_unchanged(m, snap)

@@ -17,7 +17,7 @@ from ..memory import LiveTensorTracker
 from .data import CLIError
 
 __all__ = ["pick_device", "build_model", "make_runner", "train_step", "StepMemory", "synchronize", "environment",
-           "write_json", "default_path", "command_line", "MiB", "METHODS"]
+           "write_json", "ensure_parent", "default_path", "command_line", "MiB", "METHODS"]
 
 MiB = 2 ** 20
 METHODS = ("ratebp", "bptt")
@@ -114,10 +114,15 @@ def default_path(kind: str, stem: str, ext: str) -> str:
     return os.path.join("runs", f"{kind}-{stem}-{stamp}.{ext}")
 
 
-def write_json(path: str, record: Dict[str, Any]) -> None:
+def ensure_parent(path: str) -> None:
+    """Create the folder ``path`` goes in, if it has one."""
     folder = os.path.dirname(path)
     if folder:
         os.makedirs(folder, exist_ok=True)
+
+
+def write_json(path: str, record: Dict[str, Any]) -> None:
+    ensure_parent(path)
     with open(path, "w") as f:
         json.dump(record, f, indent=1)
         f.write("\n")

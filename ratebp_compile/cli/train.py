@@ -22,7 +22,7 @@ import torch
 from .. import models
 from ..stream import DEFAULT_TIME_CHUNK
 from .common import (METHODS, MiB, StepMemory, build_model, command_line, default_path, environment,
-                     make_runner, pick_device, synchronize, train_step, write_json)
+                     ensure_parent, make_runner, pick_device, synchronize, train_step, write_json)
 from .data import DATASETS, ENCODINGS, CLIError, Dataset, encode, load_dataset
 from .progress import Progress
 
@@ -218,9 +218,7 @@ def train_run(config, data: Dataset, method: str, seed: int, device, checkpoint=
         record["epochs"].append(entry)
         bar.close(bar.text + f" | test {test_acc:.1f}%")
         if save:
-            folder = os.path.dirname(save)
-            if folder:
-                os.makedirs(folder, exist_ok=True)
+            ensure_parent(save)
             torch.save({"format": CHECKPOINT_FORMAT, "config": dict(_checkpoint_config(config), method=method,
                                                                      seed=seed),
                         "epoch": epoch + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -243,7 +241,7 @@ def _mean_std(values: List[float]) -> str:
     return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
 
 
-def summarize(config, runs: List[Dict[str, Any]]) -> Dict[str, Any]:
+def summarize(runs: List[Dict[str, Any]]) -> Dict[str, Any]:
     by_method: Dict[str, Dict[str, Any]] = {}
     for method in METHODS:
         mine = [r for r in runs if r["method"] == method]
@@ -305,7 +303,7 @@ def run(args: argparse.Namespace) -> int:
             torch._dynamo.reset()
             save = _checkpoint_path(args.save, method, seed, several) if args.save else None
             runs.append(train_run(config, data, method, seed, device, checkpoint, save))
-    summary = summarize(config, runs)
+    summary = summarize(runs)
     print_summary(config, runs, summary)
     out = args.out or default_path("train", f"{config['data']}-{config['model']}", "json")
     write_json(out, {"command": command_line(), "config": config, "environment": environment(device),

@@ -11,7 +11,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from .common import NeuronFactory, expect_rank
+from .common import NeuronFactory, expect_rank, neuron_factory
 from .vgg import ConvBNNeuron, PerStep
 
 __all__ = ["SpikingConvNet", "convnet"]
@@ -21,8 +21,6 @@ class SpikingConvNet(nn.Module):
     def __init__(self, num_classes: int = 10, in_channels: int = 1, width: int = 16,
                  neuron: Optional[NeuronFactory] = None):
         super().__init__()
-        from .common import neuron_factory
-
         neuron = neuron_factory(neuron)
         self.block1 = ConvBNNeuron(in_channels, width, neuron)
         self.pool1 = PerStep(nn.AvgPool2d(2))

@@ -12,7 +12,7 @@ from typing import Any, Dict, Union
 
 from torch import nn
 
-from ..nn import LIF, Sigmoid
+from .common import default_neuron
 from .resnet import SpikingResNet
 from .vgg import SpikingVGG
 
@@ -22,8 +22,7 @@ __all__ = ["from_reference_spec", "reference_neuron"]
 def reference_neuron(meta: Dict[str, Any]):
     """The fixtures' neuron: LIF without input decay, λ = meta["decay"], V_th = meta["v_threshold"],
     soft reset with the spike detached, sigmoid surrogate α = 4."""
-    return partial(LIF, decay=float(meta["decay"]), v_threshold=float(meta["v_threshold"]), v_reset=None,
-                   detach_reset=True, surrogate=Sigmoid(4.0))
+    return partial(default_neuron, decay=float(meta["decay"]), v_threshold=float(meta["v_threshold"]))
 
 
 def from_reference_spec(meta: Union[Dict[str, Any], str]) -> nn.Module:

@@ -180,9 +180,10 @@ def test_reference_backward_equals_autograd_in_float64(case):
                                              args["v_reset"], args["decay_input"])
     assert torch.equal(spikes, spikes_r.detach())
     gx, glam = K.lif_bptt_backward_reference(grad, h, x, decay_grad=args["decay_logit"] is not None, **args)
-    torch.testing.assert_close(gx, xr.grad, rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(gx, xr.grad, rtol=TOLERANCES[torch.float64][0], atol=TOLERANCES[torch.float64][1])
     if lam_r is not None:
-        torch.testing.assert_close(glam.double(), lam_r.grad, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(glam, lam_r.grad, rtol=TOLERANCES[torch.float64][0],
+                                   atol=TOLERANCES[torch.float64][1])
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
