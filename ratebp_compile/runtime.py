@@ -31,6 +31,7 @@ __all__ = ["transform", "RateBPModule", "Compiled"]
 
 log = logging.getLogger(__name__)
 
+
 @dataclass
 class Compiled:
     """What the compiler produced for one input signature."""
@@ -52,12 +53,12 @@ def _signature(args: Sequence[Any], model: nn.Module) -> Tuple:
 
 def _check_input_ranks(names, args, layouts) -> None:
     for name, a, layout in zip(names, args, layouts):
-        time = INPUT_LAYOUTS[layout]
-        if not isinstance(a, torch.Tensor) or time is None:
+        lay = INPUT_LAYOUTS[layout]
+        if not isinstance(a, torch.Tensor) or lay is None:
             continue
-        if a.dim() < (1 if time.merged else 2):
+        if a.dim() < (1 if lay.merged else 2):
             raise RateBPError(f"input '{name}' has shape {tuple(a.shape)}, but a "
-                              f"{'[T·B, ...]' if time.merged else '[T, B, ...]'} input was expected "
+                              f"{'[T·B, ...]' if lay.merged else '[T, B, ...]'} input was expected "
                               f"(wrong input rank, or pass input_layout='static' for inputs without time)")
 
 

@@ -102,7 +102,7 @@ class StreamStage(nn.Module):
     BatchNorm).
 
     ``value_graphs[str(n)]`` computes a chunk of ``n`` steps of the sink's input (followed by the chunk's
-    per-step BatchNorm statistics); ``stats_graphs[f"{j}_{n}"]`` computes a chunk of BatchNorm ``j``'s
+    per-step BatchNorm statistics), for every chunk ``first_graphs`` does not; ``stats_graphs[f"{j}_{n}"]`` computes a chunk of BatchNorm ``j``'s
     input. Graph inputs: the chunk slices and static inputs, then ``(mean, var)`` of each batch-statistic
     BatchNorm already known. The statistics pass visits the chunks last to first and keeps what it
     computed for the first chunk: ``first_graphs`` computes the first chunk from those BatchNorm inputs
