@@ -32,7 +32,7 @@ STREAMED = "ratebp.streamed"         # program.meta: how the spike pass runs, in
 _FREE_FAMILIES = ("reshape", "permute", "getitem", "split")     # views: recomputed rather than stored
 
 
-KEPT = "kept_"       # placeholder prefix of a chunk graph input the stage computed and nothing else reads
+KEPT = "kept_"       # placeholder prefix of a chunk graph input the stage computed itself and nothing else reads
 
 
 class _CannotStream(Exception):
@@ -206,8 +206,9 @@ class _StageBuilder:
         stats = {}
         for bn in known:
             stats[bn] = (g.placeholder(f"mean_{bn.name}"), g.placeholder(f"var_{bn.name}"))
-        for bn in kept:
-            env[bn.args[0]] = g.placeholder(f"{KEPT}{bn.name}")
+        for bn in kept:         # left over from the statistics pass: the stage's own only if computed there
+            owned = bn.args[0] in self.in_cone and _fresh(bn.args[0], self.spike)
+            env[bn.args[0]] = g.placeholder(f"{KEPT if owned else 'input_'}{bn.name}")
 
         def mapped(a: fx.Node):
             if a in env:
@@ -311,23 +312,28 @@ _IN_PLACE = {operator.add: "add_", torch.add: "add_", "add": "add_", operator.su
 _COMMUTATIVE = ("add_", "mul_")
 
 
+def _fresh(n, spike: fx.GraphModule) -> bool:
+    """Whether ``n`` (a node of a chunk graph, or of the spike graph computed in one) returns a tensor of
+    its own rather than a view of, or an update to, a tensor it was given: only such a tensor may be
+    overwritten. A stage input never is (it may be the caller's tensor, or a value other stages read)."""
+    if not isinstance(n, fx.Node):
+        return False
+    if n.op == "placeholder":
+        return n.target.startswith(KEPT)
+    if n.target in (chunk_batch_norm, chunk_batch_norm_) or _batchnorm(n) == "batch" or \
+            _is_getitem_of(n, lambda s: _batchnorm(s) == "batch"):
+        return True
+    info = op_info(n, spike) if n.op in ("call_function", "call_method", "call_module") else None
+    if info is None or info.family not in _FRESH_FAMILIES or is_inplace_method(n):
+        return False
+    return n.op == "call_module" or info.name not in ("pad", "interpolate", "upsample")
+
+
 def _reuse_dead_inputs(g: fx.Graph, spike: fx.GraphModule) -> None:
     """Run a chunk graph's BatchNorms and adds, subtractions and products in place on an input that
     the graph computed itself and reads nowhere else, so a chunk needs fewer buffers at once."""
-    def fresh(n) -> bool:            # a new tensor of this graph, not a view of an input
-        if not isinstance(n, fx.Node):
-            return False
-        if n.op == "placeholder":
-            return n.target.startswith(KEPT)
-        if n.target in (chunk_batch_norm, chunk_batch_norm_):
-            return True
-        info = op_info(n, spike) if n.op in ("call_function", "call_method", "call_module") else None
-        if info is None or info.family not in _FRESH_FAMILIES or is_inplace_method(n):
-            return False
-        return n.op == "call_module" or info.name not in ("pad", "interpolate", "upsample")
-
     def dead_after(n, user) -> bool:
-        return fresh(n) and len(n.users) == 1 and user in n.users
+        return _fresh(n, spike) and len(n.users) == 1 and user in n.users
 
     for node in list(g.nodes):
         if node.target is chunk_batch_norm and dead_after(node.args[0], node):

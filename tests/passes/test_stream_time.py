@@ -24,8 +24,10 @@ def _stages(program):
 def _step(model, x, time_chunk, input_layout="TB", loss=lambda out: out.sum()):
     """One training step through transform; returns (outputs, grads by name, buffers by name, module)."""
     tm = rc.transform(model, time_chunk=time_chunk, input_layout=input_layout).train()
+    x_before = x.clone()
     out = tm(x)
     loss(out).backward()
+    assert torch.equal(x, x_before), "the step changed its input"
     grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
     return out.detach(), grads, {k: b.clone() for k, b in model.named_buffers()}, tm
 
@@ -208,6 +210,47 @@ def test_graphs_it_cannot_stream_run_unstreamed_with_a_warning():
     assert "is not used" in tm.compiled.program.meta["ratebp.streamed"]
     ref = _step(copy.deepcopy(model), x, None)
     torch.testing.assert_close(out, ref[0])
+
+
+class _InputBN(nn.Module):
+    """The input goes straight into a BatchNorm over time and batch: the statistics pass's first chunk
+    is a view of the caller's tensor, which the stage must not normalise in place."""
+
+    def __init__(self, layout):
+        super().__init__()
+        self.layout = layout
+        self.bn = nn.BatchNorm2d(1) if layout != "TB-1d" else nn.BatchNorm1d(5)
+        self.sn = LIF(decay=0.5, time_steps=5 if layout == "T*B" else None)
+        self.head = nn.Conv2d(1, 2, 3) if layout != "TB-1d" else nn.Linear(5, 2)
+
+    def forward(self, x):
+        if self.layout == "T*B":
+            return self.head(self.sn(self.bn(x)))
+        T = x.shape[0]
+        y = self.sn(self.bn(x.flatten(0, 1)).unflatten(0, (T, -1)))
+        return self.head(y.flatten(0, 1))
+
+
+@pytest.mark.parametrize("layout,shape", [("TB", (5, 2, 1, 6, 6)), ("T*B", (10, 1, 6, 6)), ("TB-1d", (5, 2, 5))])
+def test_a_batchnorm_on_the_input_leaves_the_input_alone(layout, shape):
+    model = _InputBN(layout).double()
+    x = torch.randn(shape, dtype=torch.float64)
+    program = _assert_same_step(model, x, input_layout="T*B" if layout == "T*B" else "TB")
+    sn = _stages(program)["stream_sn"]
+    code = sn.first_graphs["2"].code
+    assert "input_spike_batch_norm" in code and "chunk_batch_norm(" in code and "chunk_batch_norm_(" not in code
+
+
+def test_a_batchnorm_on_the_input_through_the_backend():
+    model, x = _InputBN("TB"), torch.randn(5, 2, 1, 6, 6)
+    ref = _step(copy.deepcopy(model), x, None)
+    x_before = x.clone()
+    out = torch.compile(model, backend="ratebp", options={"time_chunk": 2})(x)
+    out.sum().backward()
+    assert torch.equal(x, x_before)
+    torch.testing.assert_close(out.detach(), ref[0])
+    for k, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, ref[1][k], msg=k)
 
 
 def test_chunk_batch_norm_in_place_equals_out_of_place():
