@@ -442,7 +442,7 @@ def lif_scan_finish(state: torch.Tensor, steps: int, decay_logit: Optional[torch
     """``(r, e)`` (+ e_w = ∂r/∂w for a learned decay) from the state after ``steps`` steps, shaped ``shape``."""
     out = [state[3], state[4]]
     if state.shape[0] == 7:
-        out.append(state[6] * _lam(0.0, decay_logit)[1])
+        out.append(state[6] * _lam(0.0, decay_logit, state.dtype)[1])
     return tuple((t / steps).to(dtype).reshape(shape) for t in out)
 
 

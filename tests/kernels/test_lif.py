@@ -105,6 +105,19 @@ def test_scan_over_chunks_equals_the_spike_pass(case, dtype):
         _close(ours.cpu(), theirs.cpu(), dtype, name)
 
 
+def test_scan_over_chunks_keeps_float64():
+    """In float64 the resumed scan finishes ∂r/∂w in float64 too (dλ/dw included)."""
+    args = _args((NEURONS[2], 0.0, False, "sigmoid", True))
+    args["decay_logit"] = torch.tensor(-0.83, dtype=torch.float64)      # σ(w)(1 − σ(w)) not exact in float32
+    x = _input(7, (3, 5), torch.float64)
+    _, r, e, el = torch.ops.ratebp.lif_spike_pass(x, **args, decay_tangent=True, uint8_spikes=True)
+    _, state = _scan(x, args, [(0, 3), (3, 4)])
+    assert state.dtype == torch.float64
+    for name, ours, theirs in zip(("r", "e", "e_w"), K.lif_scan_finish(state, 7, args["decay_logit"], r.shape,
+                                                                       torch.float64), (r, e, el)):
+        torch.testing.assert_close(ours, theirs, rtol=1e-13, atol=1e-15, msg=name)
+
+
 def test_scan_kernel_equals_its_reference():
     args = _args((NEURONS[2], 0.0, False, "triangle", True))
     x = _input(K.MAX_STATIC_T + 2, (2, 11), torch.float32)
