@@ -3,8 +3,10 @@
     ratebp train ...     train a spiking network with rate-based backprop and/or BPTT (``train.py``)
     ratebp bench ...     time and peak memory of a training step against BPTT, over T (``bench.py``)
 
-Every mistake in the input — an unknown option, a bad value, a missing dataset — ends the command with
-one line on stderr and exit status 2.
+Every mistake in the input — an unknown option, a bad value, a missing dataset, a checkpoint that does
+not fit — ends the command with one line on stderr and exit status 2. An interrupt (Ctrl-C) ends it with
+one line and exit status 130; a command that leaves files behind adds what is on disk as the message of
+the KeyboardInterrupt it raises again (``train``: its last completed checkpoints).
 """
 from __future__ import annotations
 
@@ -48,8 +50,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (CLIError, RateBPError) as e:
         print(f"ratebp {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"ratebp {args.command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        note = f"; {e}" if str(e) else ""
+        print(f"ratebp {args.command}: interrupted{note}", file=sys.stderr)
         return 130
 
 

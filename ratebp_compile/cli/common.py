@@ -1,12 +1,14 @@
-"""What both commands share: devices, models, the training step, step memory, run records."""
+"""What both commands share: devices, models, the training step, step memory, files and run records."""
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
 import platform
+import secrets
 import sys
-from typing import Any, Callable, Dict, Optional
+from typing import Any, BinaryIO, Callable, Dict, Optional
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +19,7 @@ from ..memory import LiveTensorTracker
 from .data import CLIError
 
 __all__ = ["pick_device", "build_model", "make_runner", "train_step", "StepMemory", "synchronize", "environment",
-           "write_json", "ensure_parent", "default_path", "command_line", "MiB", "METHODS"]
+           "write_atomically", "write_json", "ensure_parent", "default_path", "command_line", "MiB", "METHODS"]
 
 MiB = 2 ** 20
 METHODS = ("ratebp", "bptt")
@@ -121,11 +123,35 @@ def ensure_parent(path: str) -> None:
         os.makedirs(folder, exist_ok=True)
 
 
-def write_json(path: str, record: Dict[str, Any]) -> None:
+def write_atomically(path: str, write: Callable[[BinaryIO], None]) -> None:
+    """Write ``path`` whole or not at all: how the command line writes every file a later run reads
+    (checkpoints, JSON records).
+
+    ``write`` fills a new file in the same folder, which is flushed, fsynced and then renamed over
+    ``path`` (``os.replace``: atomic). If anything fails or interrupts it (KeyboardInterrupt included),
+    the new file is removed and ``path`` keeps what it held, or stays absent. The folder is created if
+    needed; the file gets the permissions ``open`` would give it.
+    """
     ensure_parent(path)
-    with open(path, "w") as f:
-        json.dump(record, f, indent=1)
-        f.write("\n")
+    folder, name = os.path.split(path)
+    temporary = os.path.join(folder, f".{name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(temporary)
+        raise
+
+
+def write_json(path: str, record: Dict[str, Any]) -> None:
+    """``record`` as indented JSON, written atomically (a record that cannot be encoded leaves ``path`` as it was)."""
+    text = json.dumps(record, indent=1) + "\n"
+    write_atomically(path, lambda f: f.write(text.encode()))
 
 
 def command_line() -> str:

@@ -6,13 +6,14 @@ For each method and seed: a model from the zoo with parameters drawn from the se
 same batches in the same order; after every epoch, the plain SNN (eval mode) is scored on the test
 split. A progress bar shows loss, accuracy, step time and the step's peak memory; the summary
 compares the methods (means over seeds); ``--out`` gets a JSON record of everything. ``--save`` writes
-a checkpoint after every epoch; ``--resume`` continues one from where it stopped.
+a checkpoint after every epoch, replacing the previous one atomically: an interrupt (Ctrl-C) leaves the
+last completed one, and the line reporting the interrupt names it. ``--resume`` continues one from where
+it stopped, after checking that its model and optimizer states fit the model.
 """
 from __future__ import annotations
 
 import argparse
 import math
-import os
 import statistics
 import time
 from typing import Any, Dict, List, Optional
@@ -21,12 +22,11 @@ import torch
 
 from .. import models
 from ..stream import DEFAULT_TIME_CHUNK
+from .checkpoint import CheckpointFile, checkpoint_path, interrupt_note, load_checkpoint, restore
 from .common import (METHODS, MiB, StepMemory, build_model, command_line, default_path, environment,
-                     ensure_parent, make_runner, pick_device, synchronize, train_step, write_json)
+                     make_runner, pick_device, synchronize, train_step, write_json)
 from .data import DATASETS, ENCODINGS, CLIError, Dataset, encode, load_dataset
 from .progress import Progress
-
-CHECKPOINT_FORMAT = "ratebp-train-checkpoint/1"
 
 #: Options that shape a run, with their defaults. ``None`` on the command line means "not given": a
 #: resumed run then takes the checkpoint's value.
@@ -70,7 +70,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                           f"step: ×0.1 at 50%% and 75%%)")
     opt.add_argument("--seed", type=int, nargs="+", default=None, help="one run per seed (default 0)")
     run = p.add_argument_group("run")
-    run.add_argument("--save", help="checkpoint written after every epoch (one per method and seed: suffixed)")
+    run.add_argument("--save", help="checkpoint written after every epoch, replacing the last one atomically "
+                                    "(one per method and seed: suffixed)")
     run.add_argument("--resume", help="continue the checkpoint's run up to --epochs")
     run.add_argument("--out", help="JSON record of the run (default runs/train-<data>-<model>-<time>.json)")
     run.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
@@ -122,25 +123,6 @@ def _schedule(config, optimizer, steps_per_epoch: int):
     return None
 
 
-def _checkpoint_path(path: str, method: str, seed: int, several: bool) -> str:
-    if not several:
-        return path
-    stem, ext = os.path.splitext(path)
-    return f"{stem}-{method}-seed{seed}{ext or '.pt'}"
-
-
-def _load_checkpoint(path: str) -> Dict[str, Any]:
-    if not os.path.isfile(path):
-        raise CLIError(f"--resume {path}: no such file")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise CLIError(f"--resume {path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise CLIError(f"--resume {path}: not a ratebp train checkpoint")
-    return ckpt
-
-
 @torch.no_grad()
 def evaluate(model, data: Dataset, config, device) -> float:
     """Test accuracy (%) of the plain SNN in eval mode, classes from the time-mean logits."""
@@ -157,8 +139,9 @@ def evaluate(model, data: Dataset, config, device) -> float:
 
 
 def train_run(config, data: Dataset, method: str, seed: int, device, checkpoint=None,
-              save: Optional[str] = None) -> Dict[str, Any]:
-    """Train one model with ``method`` from ``seed`` (or from ``checkpoint``); returns its record."""
+              save: Optional[CheckpointFile] = None) -> Dict[str, Any]:
+    """Train one model with ``method`` from ``seed`` (or from ``checkpoint``, refused with a :class:`CLIError`
+    before any training if it does not fit), writing ``save`` after every epoch; returns its record."""
     model = build_model(config["model"], config["width"], data.in_channels, data.num_classes, seed).to(device)
     chunk = config["time_chunk"] or None
     runner = make_runner(model, method, config["compile"], chunk)
@@ -169,10 +152,7 @@ def train_run(config, data: Dataset, method: str, seed: int, device, checkpoint=
     record: Dict[str, Any] = {"method": method, "seed": seed, "epochs": [], "peak_MiB": None}
     start_epoch = 0
     if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        if schedule is not None and checkpoint.get("schedule") is not None:
-            schedule.load_state_dict(checkpoint["schedule"])
+        restore(checkpoint, model, optimizer, schedule)
         record["epochs"] = list(checkpoint["record"]["epochs"])
         record["peak_MiB"] = checkpoint["record"].get("peak_MiB")
         start_epoch = checkpoint["epoch"]
@@ -217,12 +197,10 @@ def train_run(config, data: Dataset, method: str, seed: int, device, checkpoint=
                  "seconds": train_seconds, "step_ms": 1e3 * statistics.median(times) if times else None}
         record["epochs"].append(entry)
         bar.close(bar.text + f" | test {test_acc:.1f}%")
-        if save:
-            ensure_parent(save)
-            torch.save({"format": CHECKPOINT_FORMAT, "config": dict(_checkpoint_config(config), method=method,
-                                                                     seed=seed),
-                        "epoch": epoch + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "schedule": schedule.state_dict() if schedule is not None else None, "record": record}, save)
+        if save is not None:
+            save.write({"config": dict(_checkpoint_config(config), method=method, seed=seed), "epoch": epoch + 1,
+                        "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                        "schedule": schedule.state_dict() if schedule is not None else None, "record": record})
     last = record["epochs"][-1]
     step_times = [e["step_ms"] for e in record["epochs"] if e["step_ms"] is not None]
     record.update(test_acc=last["test_acc"], best_test_acc=max(e["test_acc"] for e in record["epochs"]),
@@ -289,7 +267,9 @@ def print_summary(config, runs, summary) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    checkpoint = _load_checkpoint(args.resume) if args.resume else None
+    """Train every (seed, method) run, print the summary, write the record. An interrupt is raised again
+    with a note of the checkpoints left on disk, if there are checkpoints."""
+    checkpoint = load_checkpoint(args.resume) if args.resume else None
     config = _resolve(args, checkpoint)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -297,12 +277,20 @@ def run(args: argparse.Namespace) -> int:
     data = load_dataset(config["data"], config["data_dir"])
     methods = list(METHODS) if config["method"] == "both" else [config["method"]]
     several = len(methods) * len(config["seeds"]) > 1
-    runs = []
-    for seed in config["seeds"]:
-        for method in methods:
-            torch._dynamo.reset()
-            save = _checkpoint_path(args.save, method, seed, several) if args.save else None
-            runs.append(train_run(config, data, method, seed, device, checkpoint, save))
+    runs, files = [], []
+    try:
+        for seed in config["seeds"]:
+            for method in methods:
+                torch._dynamo.reset()
+                save = None
+                if args.save:
+                    save = CheckpointFile(checkpoint_path(args.save, method, seed, several))
+                    files.append(save)
+                runs.append(train_run(config, data, method, seed, device, checkpoint, save))
+    except KeyboardInterrupt:
+        if not files:
+            raise
+        raise KeyboardInterrupt(interrupt_note(files)) from None
     summary = summarize(runs)
     print_summary(config, runs, summary)
     out = args.out or default_path("train", f"{config['data']}-{config['model']}", "json")

@@ -10,16 +10,10 @@ from ratebp_compile.cli import main
 TINY = ["--width", "4", "--T", "2", "--epochs", "1", "--batch-size", "128", "--device", "cpu"]
 
 
-def _run(capsys, *argv):
-    code = main(["train", *argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
 @pytest.mark.parametrize("data", ["digits", "synthetic"])
-def test_one_epoch(capsys, tmp_path, data):
+def test_one_epoch(ratebp_train, tmp_path, data):
     out = tmp_path / "run.json"
-    code, stdout, stderr = _run(capsys, "--data", data, *TINY, "--out", str(out))
+    code, stdout, stderr = ratebp_train("--data", data, *TINY, "--out", str(out))
     assert code == 0, stderr
     assert "epoch 1/1" in stderr and "ms/step" in stderr and "MiB" in stderr     # the progress bar
     assert "ratebp" in stdout and "test acc" in stdout
@@ -30,9 +24,9 @@ def test_one_epoch(capsys, tmp_path, data):
     assert record["config"]["data"] == data and record["environment"]["torch"] == torch.__version__
 
 
-def test_both_methods_compare(capsys, tmp_path):
+def test_both_methods_compare(ratebp_train, tmp_path):
     out = tmp_path / "both.json"
-    code, stdout, _ = _run(capsys, "--data", "synthetic", *TINY, "--method", "both", "--encoding", "poisson",
+    code, stdout, _ = ratebp_train("--data", "synthetic", *TINY, "--method", "both", "--encoding", "poisson",
                            "--optimizer", "sgd", "--lr", "0.05", "--schedule", "step", "--out", str(out))
     assert code == 0
     assert "rate-based vs BPTT: accuracy" in stdout and "peak memory" in stdout
@@ -41,24 +35,24 @@ def test_both_methods_compare(capsys, tmp_path):
     assert {"accuracy_gap_points", "step_time_ratio", "peak_memory_ratio"} <= set(record["summary"])
 
 
-def test_resume_continues_the_run_exactly(capsys, tmp_path):
+def test_resume_continues_the_run_exactly(ratebp_train, tmp_path):
     """Two epochs, or one epoch and a resumed second: the same second epoch (with a schedule that does not
     depend on the number of epochs)."""
     args = ["--data", "synthetic", "--width", "4", "--T", "3", "--batch-size", "128", "--device", "cpu",
             "--time-chunk", "2", "--schedule", "none"]
     ckpt = tmp_path / "ckpt.pt"
-    assert _run(capsys, *args, "--epochs", "1", "--save", str(ckpt), "--out", str(tmp_path / "a.json"))[0] == 0
+    assert ratebp_train(*args, "--epochs", "1", "--save", str(ckpt), "--out", str(tmp_path / "a.json"))[0] == 0
     assert torch.load(ckpt, weights_only=False)["epoch"] == 1
-    code, _, err = _run(capsys, "--resume", str(ckpt), "--epochs", "2", "--save", str(ckpt),
+    code, _, err = ratebp_train("--resume", str(ckpt), "--epochs", "2", "--save", str(ckpt),
                         "--out", str(tmp_path / "b.json"))
     assert code == 0, err
-    assert _run(capsys, *args, "--epochs", "2", "--out", str(tmp_path / "c.json"))[0] == 0
+    assert ratebp_train(*args, "--epochs", "2", "--out", str(tmp_path / "c.json"))[0] == 0
     resumed = json.loads((tmp_path / "b.json").read_text())["runs"][0]["epochs"]
     straight = json.loads((tmp_path / "c.json").read_text())["runs"][0]["epochs"]
     assert [e["epoch"] for e in resumed] == [1, 2] and torch.load(ckpt, weights_only=False)["epoch"] == 2
     for key in ("loss", "train_acc", "test_acc"):
         assert resumed[1][key] == pytest.approx(straight[1][key], rel=1e-6), key
-    code, _, err = _run(capsys, "--resume", str(ckpt), "--epochs", "2")
+    code, _, err = ratebp_train("--resume", str(ckpt), "--epochs", "2")
     assert code == 2 and "already trained 2 epochs" in err
 
 
@@ -82,8 +76,8 @@ def test_bad_input_is_one_line(capsys, argv, message):
     assert err.count("\n") == 1 and err.startswith("ratebp train: error: ") and re.search(message, err), err
 
 
-def test_resume_refuses_a_different_model(capsys, tmp_path):
+def test_resume_refuses_a_different_model(ratebp_train, tmp_path):
     ckpt = tmp_path / "ckpt.pt"
-    assert _run(capsys, "--data", "synthetic", *TINY, "--save", str(ckpt), "--out", str(tmp_path / "a.json"))[0] == 0
-    code, _, err = _run(capsys, "--resume", str(ckpt), "--model", "vgg11", "--epochs", "2")
+    assert ratebp_train("--data", "synthetic", *TINY, "--save", str(ckpt), "--out", str(tmp_path / "a.json"))[0] == 0
+    code, _, err = ratebp_train("--resume", str(ckpt), "--model", "vgg11", "--epochs", "2")
     assert code == 2 and "trained with --model convnet, not vgg11" in err and err.count("\n") == 1
