@@ -6,9 +6,10 @@
     opt = torch.compile(snn, backend="ratebp")     # the same step through torch.compile
 """
 from . import backend, models, nn
-from .errors import ApproximationWarning, RateBPError
+from .errors import ApproximationWarning, RateBPError, RecompileWarning
 from .runtime import RateBPModule, transform
 from .show import show
 
-__all__ = ["transform", "show", "RateBPModule", "RateBPError", "ApproximationWarning", "nn", "models", "backend"]
+__all__ = ["transform", "show", "RateBPModule", "RateBPError", "ApproximationWarning", "RecompileWarning", "nn",
+           "models", "backend"]
 __version__ = "0.1.0"

@@ -4,19 +4,22 @@
     opt = torch.compile(snn, backend="ratebp", options={"compiler": "eager", "input_layout": "T*B"})
     opt = torch.compile(ratebp_compile.transform(snn), backend="ratebp")      # the same step
 
-Dynamo captures the forward (neuron modules appear as their fused custom op); the backend runs the same
-pipeline as ``transform`` on that graph and returns the program, whose spike graph (no autograd) and
-rate graph (through AOTAutograd) are compiled by ``options["compiler"]``: "inductor" (default),
-"aot_eager" or "eager" (debugging). Gradients equal ``transform``'s; with autograd off, or a graph whose
-BatchNorms use running statistics (eval mode), it compiles the plain SNN. The whole SNN must reach the
-backend as one graph: a training graph without neurons (a piece of the model Dynamo split off at a graph
-break) is refused with the break's cause and source line.
+Dynamo captures the forward (neuron modules appear as their fused custom op, their inputs marked with the
+neuron's training flag, ``marks.neuron_mode``); the backend runs the same pipeline as ``transform`` on that
+graph and returns the program, whose spike graph (no autograd) and rate graph (through AOTAutograd) are
+compiled by the ``compiler`` option: "inductor" (default), "aot_eager" or "eager" (debugging). Gradients
+equal ``transform``'s. Which step a graph gets follows the rule ``transform`` uses (``options.step_kind``):
+the compiled step in training mode — the neurons' mode — with autograd on, the plain SNN otherwise. The
+whole SNN must reach the backend as one graph: a training graph that a graph break cut (before or after the
+break) or that has no neurons is refused with the break's cause and source line.
 
-Options: ``compiler``, ``method`` ("ratebp" | "bptt"), ``input_layout`` (as for ``transform``; module
-parameters and buffers are always static), ``grad_scale`` ("bptt" | "upstream"), ``time_chunk`` (as for
-``transform``). A transformed module brings its own settings (``method``, ``input_layout``, ``grad_scale``,
-``time_chunk``): when Dynamo traces it, it traces the user's model with those settings marked on its
-inputs (``step_settings``).
+Options (``options.StepOptions``, parsed there): ``compiler``, ``method`` ("ratebp" | "bptt"),
+``input_layout`` (as for ``transform``; module parameters and buffers are always static), ``grad_scale``
+("bptt" | "upstream"), ``time_chunk`` and ``cache_size`` (as for ``transform``). A transformed module
+brings its own settings: when Dynamo traces it, it traces the user's model with those settings and the
+step it decided on marked on its inputs (``marks.step_settings``). Dynamo guards the model; a Python number
+Dynamo turns into a graph input (a neuron's threshold that differs between two compiled models) is
+specialised: each value gets its own program.
 """
 from __future__ import annotations
 
@@ -24,82 +27,39 @@ import collections
 import logging
 import traceback
 import weakref
-from dataclasses import dataclass
-from typing import Any, Deque, Dict, List, Optional, Sequence
+from typing import Any, Deque, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.fx as fx
 from torch import nn
-from torch._subclasses.fake_tensor import FakeTensor
 
 from .capture import propagate_shapes
 from .errors import RateBPError, user_frame
-from .oprules import arg
-from .passes import GRAD_SCALES, METHODS, PassRecord, compile_step
+from .marks import neuron_mode, step_settings
+from .oprules import arg, is_module_state
+from .options import StepOptions, step_kind
 from .passes.batchnorm_parts import is_batchnorm
-from .passes.infer_time_layout import input_layouts
-from .passes.infra import is_module_state, snapshot
-from .stream import DEFAULT_TIME_CHUNK, StreamStage, check_time_chunk
+from .passes.infra import snapshot
+from .program import Program, compile_program
+from .stream import StreamStage
 
-__all__ = ["ratebp_backend", "step_settings", "compiled_for", "COMPILERS"]
+__all__ = ["ratebp_backend", "compiled_for"]
 
 log = logging.getLogger(__name__)
 
-COMPILERS = ("inductor", "aot_eager", "eager")
-_OPTION_VALUES = {"compiler": COMPILERS, "method": METHODS, "grad_scale": GRAD_SCALES}
-_DEFAULTS = {"compiler": "inductor", "method": "ratebp", "input_layout": "TB", "grad_scale": "bptt",
-             "time_chunk": DEFAULT_TIME_CHUNK}
+#: Programs the backend built lately, with weak references to the parameters and buffers they were built
+#: for (graph inputs), so that ``show`` finds a compiled model's program.
+_RECENT: Deque[Tuple[tuple, Program]] = collections.deque(maxlen=32)
 
 
-@torch._dynamo.allow_in_graph
-def step_settings(x: torch.Tensor, layout: str, method: str, grad_scale: str,
-                  time_chunk: Optional[int]) -> torch.Tensor:
-    """Marks a transformed module's input, in the graph Dynamo captures, with the module's settings. The
-    ``ratebp`` backend reads and removes these marks. Dynamo runs this on fake tensors to learn its
-    output; anything else running it means another backend compiled a transformed module."""
-    if isinstance(x, FakeTensor):
-        return x
-    raise RateBPError("a module returned by ratebp_compile.transform was compiled with a backend other than "
-                      "'ratebp': use torch.compile(model, backend='ratebp'), or compile the original model")
-
-
-@dataclass
-class BackendCompiled:
-    """What the backend compiled for one Dynamo graph (``ratebp_compile.show`` reads it)."""
-
-    program: fx.GraphModule
-    history: List[PassRecord]          # history[0] is Dynamo's graph as captured
-    options: Dict[str, Any]
-    state: tuple           # weak references to the model's parameters and buffers (graph inputs)
-
-    def belongs_to(self, tensors) -> bool:
-        live = [ref() for ref in self.state]
-        return any(t is l for t in tensors for l in live if l is not None)
-
-
-_RECENT: Deque[BackendCompiled] = collections.deque(maxlen=32)
-
-
-def compiled_for(model: nn.Module) -> Optional[BackendCompiled]:
+def compiled_for(model: nn.Module) -> Optional[Program]:
     """The newest program the backend compiled for ``model``'s parameters (None if none)."""
     tensors = list(model.parameters()) + list(model.buffers())
-    for entry in reversed(_RECENT):
-        if entry.belongs_to(tensors):
-            return entry
+    for state, program in reversed(_RECENT):
+        live = [ref() for ref in state]
+        if any(t is l for t in tensors for l in live if l is not None):
+            return program
     return None
-
-
-def _options(options: Optional[Dict[str, Any]]) -> Dict[str, Any]:
-    opts = dict(_DEFAULTS)
-    for key, value in (options or {}).items():
-        if key not in _DEFAULTS:
-            raise RateBPError(f"unknown ratebp backend option {key!r}; known: {sorted(_DEFAULTS)}")
-        if key in _OPTION_VALUES and value not in _OPTION_VALUES[key]:
-            raise RateBPError(f"ratebp backend option {key}={value!r}; expected one of {_OPTION_VALUES[key]}")
-        if key == "time_chunk":
-            check_time_chunk(value)
-        opts[key] = value
-    return opts
 
 
 def _compile_graph(gm: fx.GraphModule, example_inputs: List[Any], compiler: str):
@@ -127,18 +87,32 @@ class CompiledGraph(nn.Module):
         return self._fn(*args)
 
 
-def _read_step_settings(gm: fx.GraphModule) -> Dict[fx.Node, tuple]:
-    """Remove ``step_settings`` marks; returns {marked placeholder: (layout, method, grad_scale, time_chunk)}."""
-    marks = {}
+def _read_marks(gm: fx.GraphModule) -> Tuple[Dict[fx.Node, tuple], List[bool]]:
+    """Remove the ``marks`` from ``gm``: returns ``{marked placeholder: (layout, step, grad_scale, time_chunk)}``
+    of a transformed module's inputs and the training flags of the neurons."""
+    settings, modes = {}, []
     for node in list(gm.graph.nodes):
-        if node.op == "call_function" and node.target is step_settings:
-            x, *settings = node.args
-            marks[x] = tuple(settings)
+        if node.op == "call_function" and node.target in (step_settings, neuron_mode):
+            x, *values = node.args
+            if node.target is step_settings:
+                settings[x] = tuple(values)
+            else:
+                modes.append(bool(values[0]))
             node.replace_all_uses_with(x)
             gm.graph.erase_node(node)
-    if marks:
+    if settings or modes:
         gm.recompile()
-    return marks
+    return settings, modes
+
+
+def _training(gm: fx.GraphModule, modes: List[bool]) -> bool:
+    """Whether the model was in training mode: its neurons' flag (``train()``/``eval()`` set them all); a
+    graph without neurons is a training graph unless its BatchNorms all use running statistics."""
+    if modes and not all(m == modes[0] for m in modes):
+        raise RateBPError(f"ratebp backend: {sum(modes)} of the model's {len(modes)} neurons are in training mode "
+                          f"and the others in eval mode; put the whole model in one mode (model.train() or "
+                          f"model.eval())")
+    return modes[0] if modes else not _uses_running_statistics(gm)
 
 
 def _uses_running_statistics(gm: fx.GraphModule) -> bool:
@@ -167,25 +141,54 @@ def _where(stack) -> str:
     return f" at {user} (inside {inner})" if user and user != inner else f" at {user or inner}"
 
 
-def _no_neurons_error(gm: fx.GraphModule) -> RateBPError:
-    """The error for a training graph without neurons: a model without any, or one piece of a model
-    that Dynamo split at a graph break (the rate-based step needs the whole SNN in one graph)."""
+def _incomplete_graph_error(gm: fx.GraphModule) -> Optional[RateBPError]:
+    """The error for a training graph that is not the whole SNN — one piece of a model Dynamo split at a graph
+    break (before the break, or resuming after it), or a graph without neurons — else None. The rate-based
+    step needs the whole SNN in one graph: a piece's inputs and outputs would lose their time layout."""
     reason = getattr(gm, "compile_subgraph_reason", None)         # set by Dynamo on the graphs it compiles
     stack = reason.user_stack if reason is not None else None
     hint = (" BatchNorm(momentum=None) breaks the graph (it reads num_batches_tracked as a Python number), and "
             "so does the forward of a custom Neuron subclass; torch._dynamo.explain(model)(x) lists every break. "
             "ratebp_compile.transform(model) does not go through Dynamo.")
-    if reason is None or not reason.graph_break:
+    if reason is not None and reason.graph_break:
+        cause = reason.reason.strip().splitlines()[0] if reason.reason.strip() else "no reason given"
+        what = "leaving a part of the model without spiking neurons" if not _has_neurons(gm) else \
+            "splitting the SNN in two"
+        return RateBPError(f"ratebp backend: Dynamo broke the graph{_where(stack)} ({cause}), {what}; the "
+                           f"rate-based step needs the whole SNN in one graph." + hint)
+    if stack and stack[0].name.startswith("torch_dynamo_resume_in_"):
+        return RateBPError(f"ratebp backend: this graph resumes the model after a graph break ({stack[0].name}); the "
+                           f"rate-based step needs the whole SNN in one graph." + hint)
+    if not _has_neurons(gm):
         return RateBPError(f"ratebp backend: the graph Dynamo passed, ending{_where(stack)}, has no spiking neurons: "
                            f"the model has none, or a graph break split it, and the rate-based step needs the whole "
                            f"SNN in one graph." + hint)
-    cause = reason.reason.strip().splitlines()[0] if reason.reason.strip() else "no reason given"
-    return RateBPError(f"ratebp backend: Dynamo broke the graph{_where(stack)} ({cause}), leaving a part of the "
-                       f"model without spiking neurons; the rate-based step needs the whole SNN in one graph." + hint)
+    return None
 
 
-def _signature(args: Sequence[Any]) -> tuple:
-    return tuple((tuple(a.shape), a.dtype, a.device) if isinstance(a, torch.Tensor) else ("value", a) for a in args)
+def _signature(args: Sequence[Any], scalars: Sequence[int]) -> tuple:
+    return tuple((tuple(a.shape), a.dtype, a.device) if isinstance(a, torch.Tensor) else ("value", a) for a in args) \
+        + tuple(args[i].item() for i in scalars)
+
+
+def _scalar_inputs(gm: fx.GraphModule) -> List[int]:
+    """The graph inputs that are Python numbers Dynamo made inputs ("automatic dynamic": a neuron's threshold
+    that differs between two compiled models, say): 0-dim tensors read only through ``.item()``. The
+    program is specialised to their values (:func:`_specialise_scalars`); a new value builds a new one."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    return [i for i, p in enumerate(placeholders) if not is_module_state(p) and p.users and
+            all(u.op == "call_method" and u.target == "item" for u in p.users) and
+            isinstance(p.meta.get("example_value"), torch.Tensor) and p.meta["example_value"].dim() == 0]
+
+
+def _specialise_scalars(gm: fx.GraphModule, args: Sequence[Any], scalars: Sequence[int]) -> None:
+    """Replace ``.item()`` of the scalar inputs by their values in ``args``."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for i in scalars:
+        for use in list(placeholders[i].users):
+            use.replace_all_uses_with(args[i].item())
+            gm.graph.erase_node(use)
+    gm.recompile()
 
 
 class RateBPCompiledFunction:
@@ -193,41 +196,49 @@ class RateBPCompiledFunction:
     signature is built at its first call (Dynamo may have made some sizes symbolic; the rate graph is
     specialised to the sizes of the step, as with ``transform``)."""
 
-    def __init__(self, gm: fx.GraphModule, opts: Dict[str, Any], layouts: List[str]):
+    def __init__(self, gm: fx.GraphModule, options: StepOptions, layouts: List[str]):
         self.gm = gm
-        self.opts = opts
+        self.options = options
         self.layouts = layouts
-        self.programs: Dict[tuple, nn.Module] = {}
+        self.scalars = _scalar_inputs(gm)
+        self.programs: "collections.OrderedDict[tuple, Program]" = collections.OrderedDict()
 
     def __call__(self, *args):
-        sig = _signature(args)
+        sig = _signature(args, self.scalars)
         program = self.programs.get(sig)
         if program is None:
             program = self.programs[sig] = self._build(list(args), sig)
+            while len(self.programs) > self.options.cache_size:
+                self.programs.popitem(last=False)
+        else:
+            self.programs.move_to_end(sig)
         return program(*args)
 
-    def _build(self, args: List[Any], sig: tuple):
+    def _build(self, args: List[Any], sig: tuple) -> Program:
         gm = snapshot(self.gm)
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        _specialise_scalars(gm, args, self.scalars)
         gm.meta["ratebp.model"] = "torch.compile graph"
         propagate_shapes(gm, args)
-        program, history = compile_step(gm, input_layouts=self.layouts, method=self.opts["method"],
-                                        grad_scale=self.opts["grad_scale"], time_chunk=self.opts["time_chunk"])
+        program = compile_program(gm, self.options, self.layouts)
         state = tuple(weakref.ref(a) for a, p in zip(args, placeholders) if is_module_state(p))
-        _RECENT.append(BackendCompiled(program, history, self.opts, state))
-        log.debug("ratebp backend: built the %s program for %s", self.opts["method"], sig)
-        if self.opts["method"] == "bptt":
-            return CompiledGraph(program, self.opts["compiler"])
-        if any(isinstance(m, StreamStage) for m in program.spike.modules()):
+        _RECENT.append((state, program))
+        log.debug("ratebp backend: built the %s program for %s", self.options.method, sig)
+        compiler = self.options.compiler
+        step = program.step
+        if self.options.method == "bptt":
+            program.compiled = CompiledGraph(step, compiler)
+        elif any(isinstance(m, StreamStage) for m in step.spike.modules()):
             # a streamed spike pass keeps its loop over the chunks; each chunk graph is compiled
-            for stage in program.spike.modules():
+            for stage in step.spike.modules():
                 if isinstance(stage, StreamStage):
                     for graphs in (stage.value_graphs, stage.stats_graphs, stage.first_graphs):
                         for key in list(graphs):
-                            graphs[key] = CompiledGraph(graphs[key], self.opts["compiler"])
+                            graphs[key] = CompiledGraph(graphs[key], compiler)
         else:
-            program.spike = CompiledGraph(program.spike, self.opts["compiler"])
-        program.rate = CompiledGraph(program.rate, self.opts["compiler"])
+            step.spike = CompiledGraph(step.spike, compiler)
+        if self.options.method == "ratebp":
+            step.rate = CompiledGraph(step.rate, compiler)
         return program
 
 
@@ -236,23 +247,26 @@ def ratebp_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: O
     """``torch.compile`` backend: see the module docstring."""
     if mode not in (None, "default"):
         raise RateBPError(f"the ratebp backend takes no mode (got {mode!r}); use options={{'compiler': ...}}")
-    opts = _options(options)
-    marks = _read_step_settings(gm)
-    if marks:
-        _, method, grad_scale, time_chunk = next(iter(marks.values()))
-        opts.update(method=method, grad_scale=grad_scale, time_chunk=time_chunk)
-    if opts["method"] == "plain" or not torch.is_grad_enabled() or _uses_running_statistics(gm):
-        log.debug("ratebp backend: plain SNN graph (%s)", "eval" if torch.is_grad_enabled() else "no grad")
-        return _compile_graph(gm, list(example_inputs), opts["compiler"])
-    if not _has_neurons(gm):
-        raise _no_neurons_error(gm)
+    opts = StepOptions.parse(options, "ratebp backend")
+    settings, modes = _read_marks(gm)
+    if settings:            # a transformed module: its settings, and the step it decided on
+        layout, kind, grad_scale, time_chunk = next(iter(settings.values()))
+        if kind != "plain":
+            opts = opts.replace(method=kind, grad_scale=grad_scale, time_chunk=time_chunk)
+    else:
+        kind = step_kind(opts.method, _training(gm, modes), torch.is_grad_enabled())
+    if kind == "plain":
+        log.debug("ratebp backend: plain SNN graph")
+        return _compile_graph(gm, list(example_inputs), opts.compiler)
+    error = _incomplete_graph_error(gm)
+    if error is not None:
+        raise error
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    user_inputs = [p for p in placeholders if not is_module_state(p) and
+    scalars = {placeholders[i] for i in _scalar_inputs(gm)}
+    user_inputs = [p for p in placeholders if not is_module_state(p) and p not in scalars and
                    isinstance(p.meta.get("example_value"), torch.Tensor)]
-    layouts = input_layouts(opts["input_layout"], len(user_inputs))
-    if len(layouts) != len(user_inputs):
-        raise RateBPError(f"input_layout lists {len(layouts)} layouts for {len(user_inputs)} tensor inputs")
-    by_input = {p: marks.get(p, (lay,))[0] for p, lay in zip(user_inputs, layouts)}
+    layouts = opts.layouts(len(user_inputs))
+    by_input = {p: settings.get(p, (lay,))[0] for p, lay in zip(user_inputs, layouts)}
     return RateBPCompiledFunction(gm, opts, [by_input.get(p, "static") for p in placeholders])
 
 

@@ -8,8 +8,16 @@ plain graph structure. The graph shares the model's submodules, parameters and b
 
 Refused at capture, with the user's source line:
 - data-dependent control flow (``if x.sum() > 0``, loops over a tensor, ``.item()``);
-- modules that keep state between calls (a forward that stores a tensor on ``self``) and neuron
-  classes of other libraries that have not been registered.
+- state kept between calls: a forward that assigns an attribute of a module or changes a container a
+  module holds (``ratebp_compile.statewatch``, which also records the attributes the forward reads, for
+  the program's guards: ``gm.meta["ratebp.reads"]``);
+- neuron classes of other libraries that have not been registered;
+- backward hooks and global module hooks (``ratebp_compile.hooks``).
+
+A module's forward hooks do not run at capture: each hooked call becomes explicit hook nodes around it
+(see ``ratebp_compile.hooks``), which run at every step. Arguments that are not tensors (``None``, numbers,
+strings, flags) are traced as the constants they are (``if bias is not None:`` works), and the program is
+compiled again for other values.
 
 Tracing uses example inputs: every node's value is computed on fake tensors as it is traced
 (``node.meta["val"]``; no compute, no side effects), so shapes are concrete and shape-dependent Python
@@ -18,6 +26,7 @@ same values for graphs the passes build.
 """
 from __future__ import annotations
 
+import inspect
 import traceback
 from contextlib import contextmanager
 from typing import Any, Dict, Sequence, Tuple
@@ -25,11 +34,13 @@ from typing import Any, Dict, Sequence, Tuple
 import torch
 import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
-from torch.fx._symbolic_trace import _orig_module_call, _orig_module_getattr
+from torch.fx._symbolic_trace import _orig_module_getattr
 
 from .errors import RateBPError, describe_node, user_frame
+from .hooks import ModuleHooks, check_hooks_supported, forward_hooks, hooked_modules, hooks_suspended
 from .nn.neuron import Neuron, _Cell
 from .nn.spec import NeuronSpec, neuron_spec, registered_neuron_types
+from .statewatch import StateWatch
 
 __all__ = ["capture", "propagate_shapes", "is_foreign_neuron"]
 
@@ -53,14 +64,15 @@ def _is_neuron_leaf(module: torch.nn.Module) -> bool:
     return isinstance(module, (Neuron, _Cell) + registered_neuron_types())
 
 
-def _public_state(module: torch.nn.Module) -> dict:
-    return {k: v for k, v in vars(module).items() if not k.startswith("_") and k != "training"}
+#: Non-tensor arguments traced as constants: their value is part of the program's input signature.
+_CONSTANT_ARGUMENTS = (type(None), bool, int, float, str)
 
 
 class _SNNTracer(fx.Tracer):
     def __init__(self):
         super().__init__()
         self.record_stack_traces = True
+        self.proxy_buffer_attributes = True      # buffers are graph values: a forward that updates one is seen
 
     def is_leaf_module(self, m: torch.nn.Module, qualname: str) -> bool:
         if _is_neuron_leaf(m):
@@ -74,24 +86,15 @@ class _SNNTracer(fx.Tracer):
         return super().is_leaf_module(m, qualname)
 
     def call_module(self, m, forward, args, kwargs):
-        if self.is_leaf_module(m, self.path_of_module(m)):
-            return super().call_module(m, forward, args, kwargs)
-        before = _public_state(m)
-        out = super().call_module(m, forward, args, kwargs)
-        after = _public_state(m)
-        changed = [k for k, v in after.items() if isinstance(v, fx.Proxy) and before.get(k) is not v]
-        if changed:
-            for k in changed:  # leave the module as it was
-                if k in before:
-                    setattr(m, k, before[k])
-                else:
-                    delattr(m, k)
-            qualname = self.path_of_module(m) or "<root>"
-            raise RateBPError(
-                f"unrecognised stateful module '{qualname}' ({type(m).__name__}): its forward stores a tensor in "
-                f"self.{changed[0]}, i.e. it keeps state between calls. Multi-step SNNs must keep neuron state "
-                f"inside a neuron module (ratebp_compile.nn.LIF, or a ratebp_compile.nn.Neuron subclass). "
-                f"Called at {_calling_frame()}")
+        """A module call: a node (leaf modules) or its forward traced through — never its hooks, which
+        become hook nodes around the call (``ratebp_compile.hooks``)."""
+        path = self.path_of_module(m)
+        pre, post = forward_hooks(m, path)
+        if pre is not None:
+            self.create_proxy("call_function", pre, (tuple(args),), {})
+        out = super().call_module(m, lambda *a, **k: m.forward(*a, **k), args, kwargs)
+        if post is not None:
+            self.create_proxy("call_function", post, (tuple(args), out), {})
         return out
 
 
@@ -201,6 +204,8 @@ class _ShapedTracer(_SNNTracer):
             for part in node.target.split("."):
                 value = _plain_getattr(value, part)
             return self.fake(value) if isinstance(value, torch.Tensor) else value
+        if isinstance(node.target, ModuleHooks):
+            return None                      # hooks run in the compiled step, never at capture
         args, kwargs = fx.node.map_arg((node.args, node.kwargs), self._value)
         with self.fake_mode:
             if node.op == "call_function":
@@ -211,9 +216,18 @@ class _ShapedTracer(_SNNTracer):
             spec = None if isinstance(module, _Cell) else neuron_spec(module)
             if spec is not None:
                 return spec.empty_outputs(*args)
-            with _fake_parameters_and_buffers(module, self.fake), _numeric_momentum(module):
-                # fx patches Module.__call__ while tracing; the original runs the module itself
-                return _orig_module_call(module, *args, **kwargs)
+            with _fake_parameters_and_buffers(module, self.fake), _numeric_momentum(module), \
+                    self._buffers_as_values():
+                return module.forward(*args, **kwargs)         # the module itself, without its hooks
+
+    @contextmanager
+    def _buffers_as_values(self):
+        """A leaf module runs on its (fake) buffers, not on proxies of them."""
+        self.proxy_buffer_attributes = False
+        try:
+            yield
+        finally:
+            self.proxy_buffer_attributes = True
 
 
 def _plain_getattr(obj: Any, name: str) -> Any:
@@ -233,22 +247,27 @@ def _numeric_momentum(module: torch.nn.Module):
     norms = [m for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.momentum is None]
     try:
         for m in norms:
-            m.momentum = 0.0
+            vars(m)["momentum"] = 0.0        # not through setattr: capture refuses writes by the forward
         yield
     finally:
         for m in norms:
-            m.momentum = None
+            vars(m)["momentum"] = None
 
 
 def capture(model: torch.nn.Module, example_args: Sequence[Any]) -> fx.GraphModule:
     """Trace ``model`` (in training mode) on inputs like ``example_args`` into a GraphModule with neurons
-    as single nodes and ``meta["val"]`` on every node. Nothing of the model changes."""
+    as single nodes and ``meta["val"]`` on every node; ``gm.meta["ratebp.reads"]`` maps modules to the
+    attributes the forward read. Nothing of the model changes."""
     if not isinstance(model, torch.nn.Module):
         raise RateBPError(f"transform expects an nn.Module, got {type(model).__name__}")
+    check_hooks_supported(model)
     tracer = _ShapedTracer(example_args)
+    watch = StateWatch(model, lambda m: not _is_neuron_leaf(m), _calling_frame)
     try:
         with _all_training(model), _restored_attributes(model):
-            graph = tracer.trace(model)
+            with watch.watching():
+                graph = tracer.trace(model, concrete_args=_constant_arguments(model, example_args))
+            _add_root_hooks(graph, model)
             # tensors the forward creates become attributes of the model while tracing: the graph
             # module keeps them, the model does not
             gm = fx.GraphModule(model, graph, class_name=type(model).__name__ + "Graph")
@@ -262,7 +281,28 @@ def capture(model: torch.nn.Module, example_args: Sequence[Any]) -> fx.GraphModu
     except Exception as e:
         raise RateBPError(f"cannot capture {type(model).__name__}: {type(e).__name__}: {e} at {_frame_of(e)}") from e
     gm.meta["ratebp.model"] = type(model).__name__
+    gm.meta["ratebp.reads"] = dict(watch.reads)
     return gm
+
+
+def _constant_arguments(model: torch.nn.Module, example_args: Sequence[Any]) -> Dict[str, Any]:
+    """The forward's arguments that are not tensors (None, numbers, strings, flags), by name: fx traces
+    them as constants."""
+    names = list(inspect.signature(model.forward).parameters)
+    return {name: a for name, a in zip(names, example_args) if isinstance(a, _CONSTANT_ARGUMENTS)}
+
+
+def _add_root_hooks(graph: fx.Graph, model: torch.nn.Module) -> None:
+    """The model's own forward hooks as nodes: pre-hooks after the inputs, hooks before the output."""
+    pre, post = forward_hooks(model, "")
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    output = next(n for n in graph.nodes if n.op == "output")
+    if pre is not None:
+        with graph.inserting_before(next(n for n in graph.nodes if n.op != "placeholder")):
+            graph.call_function(pre, (tuple(placeholders),))
+    if post is not None:
+        with graph.inserting_before(output):
+            graph.call_function(post, (tuple(placeholders), output.args[0]))
 
 
 class _Propagator(fx.Interpreter):
@@ -302,7 +342,8 @@ def _neuron_of(n: fx.Node, gm: fx.GraphModule):
 def on_fake_tensors(gm: fx.GraphModule):
     """Run ``gm`` on fake tensors: inside, ``gm``'s parameters and buffers are fake (of the same shapes,
     dtypes and ``requires_grad``), the fake mode is active, and ``fake(t)`` makes a fake input like ``t``.
-    Every module attribute a forward sets is put back afterwards; nothing real is computed or changed.
+    Every module attribute a forward sets is put back afterwards, and no forward hook runs; nothing real
+    is computed or changed.
 
         with on_fake_tensors(gm) as fake:
             out = gm(*[fake(a) for a in args])
@@ -314,7 +355,8 @@ def on_fake_tensors(gm: fx.GraphModule):
             out = torch.empty_strided(tuple(t.shape), tuple(t.stride()), dtype=t.dtype, device=t.device)
         return out.requires_grad_(t.requires_grad) if t.is_floating_point() else out
 
-    with _restored_attributes(gm), _numeric_momentum(gm), _fake_parameters_and_buffers(gm, fake), fake_mode:
+    with _restored_attributes(gm), _numeric_momentum(gm), _fake_parameters_and_buffers(gm, fake), \
+            hooks_suspended(hooked_modules(gm)), fake_mode:
         yield fake
 
 

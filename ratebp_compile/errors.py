@@ -7,7 +7,7 @@ from typing import Optional
 
 import torch.fx
 
-__all__ = ["RateBPError", "ApproximationWarning", "user_frame", "describe_node"]
+__all__ = ["RateBPError", "ApproximationWarning", "RecompileWarning", "user_frame", "describe_node"]
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 _MODELS_DIR = os.path.join(_PACKAGE_DIR, "models")   # the model zoo is user code as far as errors go
@@ -26,6 +26,11 @@ class RateBPError(RuntimeError):
 class ApproximationWarning(UserWarning):
     """An op on time-varying tensors that the rate pass can only approximate (max pooling, a
     non-linear activation, a product of two time-varying tensors, ...)."""
+
+
+class RecompileWarning(UserWarning):
+    """A transformed model is compiled again and again (its inputs' shapes, its configuration or the
+    values of non-tensor arguments keep changing)."""
 
 
 def _is_library_file(path: str) -> bool:

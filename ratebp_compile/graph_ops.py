@@ -135,9 +135,12 @@ def update_batch_norm_stats(bn: Any, mean: torch.Tensor, var: torch.Tensor, coun
     running_var.mul_(1.0 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
 
 
-def time_average(x: torch.Tensor, axis: int, merged: bool, T: int) -> torch.Tensor:
+def time_average(x: torch.Tensor, axis: int, merged: bool, T: int, dtype: Optional[torch.dtype] = None
+                 ) -> torch.Tensor:
     """The rate pass's input: the mean over time, keeping a time dimension of length 1 (stacked)
-    or the merged dimension divided by T."""
+    or the merged dimension divided by T; in ``dtype`` when given (an input of integers or booleans)."""
+    if dtype is not None:
+        x = x.to(dtype)
     if merged:
         return x.unflatten(axis, (T, -1)).mean(axis)
     return x.mean(axis, keepdim=True)

@@ -1,64 +1,71 @@
 """``transform(model)``: the user's module, trained with rate-based backprop.
 
-The returned :class:`RateBPModule` *is* the user's model as far as parameters go: it holds the same
-submodules, parameters and buffers under the same names (so ``state_dict`` keys, optimizers and
-checkpoints are interchangeable) and keeps no per-step state. In training mode with autograd on it
-runs the compiled program (spike pass without autograd, rate pass with it); in eval mode, or with
-autograd off, it runs the user's model unchanged.
+The returned :class:`RateBPModule` *is* the user's model as far as state goes: it shares the model's
+dictionaries of submodules, parameters and buffers (so ``state_dict`` keys, optimizers and checkpoints
+are interchangeable, and a layer swapped on either is swapped on both), forwards attribute reads and
+writes to the model, and keeps no per-step state. In training mode with autograd on it runs the compiled
+program (spike pass without autograd, rate pass with it); in eval mode, or with autograd off, it runs the
+user's model unchanged (``options.step_kind``).
 
-The model is captured (traced on fake tensors) and compiled at the first training call with each new
-input signature (shapes, dtypes, devices) — or at once when ``example_inputs`` is given.
+A program is compiled at the first training call with each new key — input signature (shapes, dtypes,
+devices, the values of non-tensor arguments), autocast state and every module's training flag — or at
+once when ``example_inputs`` is given. Before it is reused its guards are checked (``guards``): a program
+whose model changed (a swapped layer, a reassigned parameter, a neuron's threshold, an attribute the
+forward reads, a hook) is compiled again. At most ``cache_size`` programs are kept, least recently used
+dropped first; a model that keeps recompiling gets one warning.
 """
 from __future__ import annotations
 
+import collections
 import inspect
 import logging
 import time
-from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+import warnings
+from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import torch
-import torch.fx as fx
 from torch import nn
 
 from .capture import capture
-from .errors import RateBPError
-from .passes import GRAD_SCALES, METHODS, PassRecord, compile_step
-from .passes.infer_time_layout import INPUT_LAYOUTS, input_layouts
-from .stream import DEFAULT_TIME_CHUNK, check_time_chunk
+from .errors import RateBPError, RecompileWarning
+from .guards import Guards
+from .hooks import hooks_suspended
+from .marks import step_settings
+from .options import DEFAULT_CACHE_SIZE, DEFAULT_TIME_CHUNK, StepOptions, step_kind
+from .program import Program, compile_program
 
-__all__ = ["transform", "RateBPModule", "Compiled"]
+__all__ = ["transform", "RateBPModule"]
 
 log = logging.getLogger(__name__)
 
-
-@dataclass
-class Compiled:
-    """What the compiler produced for one input signature."""
-
-    program: fx.GraphModule
-    history: List[PassRecord]          # history[0] is the capture
+#: The module's own attributes; every other attribute is the model's.
+_OWN = frozenset({"_model", "options", "_programs", "_compiles", "_warned", "training"}) | frozenset(vars(nn.Module()))
 
 
-def _signature(args: Sequence[Any], model: nn.Module) -> Tuple:
+def _autocast_state() -> Tuple:
+    return tuple((torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in ("cpu", "cuda"))
+
+
+def _input_key(args: Sequence[Any]) -> Tuple:
     parts = []
     for a in args:
         if isinstance(a, torch.Tensor):
-            parts.append(("tensor", tuple(a.shape), a.dtype, a.device.type, a.device.index))
+            parts.append((tuple(a.shape), a.dtype, a.device))
         else:
-            parts.append(("value", repr(a)))
-    modes = tuple(m.training for m in model.modules())
-    return tuple(parts), modes
+            parts.append((type(a), repr(a)))
+    return tuple(parts)
 
 
-def _check_input_ranks(names, args, layouts) -> None:
+def _check_inputs(names, args, layouts) -> None:
     for name, a, layout in zip(names, args, layouts):
-        lay = INPUT_LAYOUTS[layout]
-        if not isinstance(a, torch.Tensor) or lay is None:
+        if not isinstance(a, torch.Tensor):
             continue
-        if a.dim() < (1 if lay.merged else 2):
+        if a.numel() == 0:
+            raise RateBPError(f"input '{name}' is empty (shape {tuple(a.shape)}): there is nothing to train on; "
+                              f"skip empty batches")
+        if layout != "static" and a.dim() < (1 if layout == "T*B" else 2):
             raise RateBPError(f"input '{name}' has shape {tuple(a.shape)}, but a "
-                              f"{'[T·B, ...]' if lay.merged else '[T, B, ...]'} input was expected "
+                              f"{'[T·B, ...]' if layout == 'T*B' else '[T, B, ...]'} input was expected "
                               f"(wrong input rank, or pass input_layout='static' for inputs without time)")
 
 
@@ -69,39 +76,19 @@ class RateBPModule(nn.Module):
     prints what the compiler made of it.
     """
 
-    def __init__(self, model: nn.Module, method: str, input_layout: Union[str, Sequence[str]],
-                 grad_scale: str, time_chunk: Optional[int] = DEFAULT_TIME_CHUNK):
+    def __init__(self, model: nn.Module, options: StepOptions):
         super().__init__()
-        object.__setattr__(self, "_model", model)
-        self._adopt(model)
-        self.training = model.training
-        self.method = method
-        self.grad_scale = grad_scale
-        self.time_chunk = time_chunk
-        self._input_layout = input_layout
-        self._cache: Dict[Tuple, Compiled] = {}
+        own = object.__setattr__
+        own(self, "_model", model)
+        own(self, "options", options)
+        own(self, "_programs", collections.OrderedDict())
+        own(self, "_compiles", 0)
+        own(self, "_warned", False)
+        for store in ("_modules", "_parameters", "_buffers", "_non_persistent_buffers_set"):
+            own(self, store, getattr(model, store))          # shared: one model, two views
+        own(self, "training", model.training)
 
-    # -- identity with the user's model -----------------------------------------------------------
-    def _adopt(self, model: nn.Module) -> None:
-        for name, child in model.named_children():
-            self._modules[name] = child
-        for name, p in model._parameters.items():
-            self._parameters[name] = p
-        for name, b in model._buffers.items():
-            self._buffers[name] = b
-        self._non_persistent_buffers_set = set(model._non_persistent_buffers_set)
-
-    def _apply(self, fn, recurse=True):
-        self._model._apply(fn, recurse)
-        self._adopt(self._model)
-        self._cache.clear()
-        return self
-
-    def train(self, mode: bool = True):
-        self._model.train(mode)
-        self.training = mode
-        return self
-
+    # -- one model ------------------------------------------------------------------------------------
     def __getattr__(self, name: str):
         try:
             return super().__getattr__(name)
@@ -111,18 +98,56 @@ class RateBPModule(nn.Module):
                 raise
             return getattr(model, name)
 
+    def __setattr__(self, name: str, value) -> None:
+        if name in _OWN or hasattr(type(self), name):
+            super().__setattr__(name, value)
+        else:
+            setattr(self._model, name, value)
+
+    def __delattr__(self, name: str) -> None:
+        if name in _OWN or hasattr(type(self), name):
+            super().__delattr__(name)
+        else:
+            delattr(self._model, name)
+
+    def __getstate__(self):
+        """Pickled (``torch.save``, ``copy.deepcopy``) without its compiled programs, which are rebuilt."""
+        state = dict(self.__dict__)
+        state["_programs"] = collections.OrderedDict()
+        return state
+
+    def _apply(self, fn, recurse=True):
+        self._model._apply(fn, recurse)
+        self._programs.clear()
+        return self
+
+    def train(self, mode: bool = True):
+        self._model.train(mode)
+        self.training = mode
+        return self
+
     def extra_repr(self) -> str:
         return f"method={self.method!r}, model={type(self._model).__name__}"
 
-    # -- compilation ------------------------------------------------------------------------------
     @property
     def model(self) -> nn.Module:
-        """The user's model (same parameters and buffers)."""
+        """The user's model (same submodules, parameters and buffers)."""
         return self._model
 
+    @property
+    def method(self) -> str:
+        return self.options.method
+
+    @property
+    def grad_scale(self) -> str:
+        return self.options.grad_scale
+
+    @property
+    def time_chunk(self) -> Optional[int]:
+        return self.options.time_chunk
+
+    # -- compilation ------------------------------------------------------------------------------------
     def _positional(self, args, kwargs) -> List[Any]:
-        if not kwargs:
-            return list(args)
         try:
             bound = inspect.signature(self._model.forward).bind(*args, **kwargs)
         except TypeError as e:
@@ -130,58 +155,81 @@ class RateBPModule(nn.Module):
         bound.apply_defaults()
         return list(bound.arguments.values())
 
-    def compile_for(self, *args) -> Compiled:
-        """Run the pipeline for inputs like ``args`` (cached per input signature)."""
-        sig = _signature(args, self._model)
-        compiled = self._cache.get(sig)
-        if compiled is None:
-            compiled = self._compile(list(args), sig)
-            self._cache[sig] = compiled
-        return compiled
+    def compile_for(self, *args) -> Program:
+        """The program for inputs like ``args`` (all of the forward's arguments, in order): the cached one if
+        its guards hold, else a new one."""
+        key = (_input_key(args), _autocast_state(), tuple(m.training for m in self._model.modules()))
+        program = self._programs.get(key)
+        reason = None
+        if program is not None:
+            reason = program.guards.check()
+            if reason is None:
+                self._programs.move_to_end(key)
+                return program
+            del self._programs[key]
+        elif self._programs:
+            reason = "new inputs (shapes, dtypes, devices, non-tensor values), autocast state or module modes"
+        program = self._compile(list(args), reason)
+        self._programs[key] = program
+        while len(self._programs) > self.options.cache_size:
+            self._programs.popitem(last=False)
+        return program
 
-    def _compile(self, args: List[Any], sig) -> Compiled:
+    def _compile(self, args: List[Any], reason: Optional[str]) -> Program:
         names = list(inspect.signature(self._model.forward).parameters)
-        layouts = input_layouts(self._input_layout, len(args))
-        _check_input_ranks(names, args, layouts)
+        layouts = self.options.layouts(len(args))
+        _check_inputs(names, args, layouts)
         start = time.perf_counter()
         gm = capture(self._model, args)
-        program, history = compile_step(gm, input_layouts=layouts, method=self.method, grad_scale=self.grad_scale,
-                                        time_chunk=self.time_chunk, capture_seconds=time.perf_counter() - start)
-        log.debug("compiled %s for %s", type(self._model).__name__, sig)
-        return Compiled(program, history)
+        guards = Guards(self._model, gm.meta["ratebp.reads"])
+        program = compile_program(gm, self.options, layouts, time.perf_counter() - start, guards)
+        object.__setattr__(self, "_compiles", self._compiles + 1)
+        if reason is not None:
+            log.info("recompiled %s: %s", type(self._model).__name__, reason)
+        if self._compiles > self.options.cache_size and not self._warned:
+            object.__setattr__(self, "_warned", True)
+            warnings.warn(f"ratebp_compile: {type(self._model).__name__} has been compiled {self._compiles} times "
+                          f"(last: {reason}); each compile captures the model again. Keep input shapes, non-tensor "
+                          f"arguments and the model's configuration fixed between steps, or raise cache_size.",
+                          RecompileWarning, stacklevel=4)
+        return program
 
     @property
-    def compiled(self) -> Optional[Compiled]:
-        """The most recently compiled program (None before the first training step)."""
-        return next(reversed(self._cache.values()), None)
+    def compiled(self) -> Optional[Program]:
+        """The most recently used program (None before the first training step)."""
+        return next(reversed(self._programs.values()), None)
 
-    # -- the step -------------------------------------------------------------------------------
+    @property
+    def programs(self) -> List[Program]:
+        """The programs kept, least recently used first."""
+        return list(self._programs.values())
+
+    # -- the step ---------------------------------------------------------------------------------------
     def forward(self, *args, **kwargs):
         if torch.compiler.is_compiling():
             return self._traced_forward(args, kwargs)
-        if not self.training or (self.method == "ratebp" and not torch.is_grad_enabled()):
+        if step_kind(self.options.method, self.training, torch.is_grad_enabled()) == "plain":
             return self._model(*args, **kwargs)
         args = self._positional(args, kwargs)
-        return self.compile_for(*args).program(*args)
+        program = self.compile_for(*args)
+        with hooks_suspended(program.guards.hooked):
+            return program(*args)
 
     def _traced_forward(self, args, kwargs):
         """What ``torch.compile(transform(model), backend="ratebp")`` traces: the user's model, its tensor
-        inputs marked with this module's settings, which the backend reads (so the step is built once,
-        by the backend's passes)."""
-        from .backend import step_settings
-
+        inputs marked with this module's settings and the step this call runs, which the backend reads (so
+        the step is built once, by the backend's passes)."""
         args = self._positional(args, kwargs)
-        training = self.training and (self.method == "bptt" or torch.is_grad_enabled())
-        method = self.method if training else "plain"
-        layouts = input_layouts(self._input_layout, len(args))
-        marked = [step_settings(a, lay, method, self.grad_scale, self.time_chunk) if isinstance(a, torch.Tensor) else a
-                  for a, lay in zip(args, layouts)]
+        kind = step_kind(self.options.method, self.training, torch.is_grad_enabled())
+        layouts = self.options.layouts(len(args))
+        marked = [step_settings(a, lay, kind, self.options.grad_scale, self.options.time_chunk)
+                  if isinstance(a, torch.Tensor) else a for a, lay in zip(args, layouts)]
         return self._model(*marked)
 
 
 def transform(model: nn.Module, *, method: str = "ratebp", example_inputs: Optional[Sequence[Any]] = None,
               input_layout: Union[str, Sequence[str]] = "TB", grad_scale: str = "bptt",
-              time_chunk: Optional[int] = DEFAULT_TIME_CHUNK) -> RateBPModule:
+              time_chunk: Optional[int] = DEFAULT_TIME_CHUNK, cache_size: int = DEFAULT_CACHE_SIZE) -> RateBPModule:
     """Return ``model`` with its training step rewritten into rate-based backpropagation.
 
     Args:
@@ -195,18 +243,18 @@ def transform(model: nn.Module, *, method: str = "ratebp", example_inputs: Optio
         time_chunk: for T above it, the spike pass runs over chunks of at most this many steps, so its
             memory stays flat in T (convolutions before a BatchNorm then run twice in the spike pass);
             None: always all T steps at once.
+        cache_size: compiled programs kept (one per input signature, autocast state and module modes).
 
     Returns a :class:`RateBPModule` sharing the model's parameters, buffers and ``state_dict`` keys.
     Raises :class:`RateBPError` for models or inputs it cannot compile; the model is left unchanged.
     """
-    if method not in METHODS:
-        raise RateBPError(f"method must be one of {METHODS}, got {method!r}")
-    if grad_scale not in GRAD_SCALES:
-        raise RateBPError(f"grad_scale must be one of {GRAD_SCALES}, got {grad_scale!r}")
+    options = StepOptions(method=method, input_layout=input_layout, grad_scale=grad_scale, time_chunk=time_chunk,
+                          cache_size=cache_size)
     if isinstance(model, RateBPModule):
         raise RateBPError("this model is already transformed; pass the original model (RateBPModule.model)")
-    check_time_chunk(time_chunk)
-    module = RateBPModule(model, method, input_layout, grad_scale, time_chunk)
+    if not isinstance(model, nn.Module):
+        raise RateBPError(f"transform expects an nn.Module, got {type(model).__name__}")
+    module = RateBPModule(model, options)
     if example_inputs is not None:
-        module.compile_for(*example_inputs)
+        module.compile_for(*module._positional(example_inputs, {}))
     return module

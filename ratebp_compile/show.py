@@ -21,6 +21,7 @@ import torch.fx as fx
 
 from .errors import RateBPError, user_frame
 from .passes.stream_time import STREAMED
+from .program import Program
 from .render import node_kind, op_label, to_dot, to_svg
 from .stream import StreamStage
 
@@ -29,12 +30,12 @@ __all__ = ["show"]
 MiB = 2 ** 20
 
 
-def _resolve(obj):
-    """The compiled record (program, history) behind ``obj``."""
-    from .backend import BackendCompiled, compiled_for
-    from .runtime import Compiled, RateBPModule
+def _resolve(obj) -> Program:
+    """The program behind ``obj``."""
+    from .backend import compiled_for
+    from .runtime import RateBPModule
 
-    if isinstance(obj, (Compiled, BackendCompiled)):
+    if isinstance(obj, Program):
         return obj
     module = getattr(obj, "_orig_mod", obj)                 # torch.compile's OptimizedModule
     if isinstance(module, RateBPModule):
@@ -104,7 +105,7 @@ def _graph(gm) -> fx.GraphModule:
     return getattr(gm, "graph_module", gm)
 
 
-def memory_summary(compiled) -> str:
+def memory_summary(compiled: Program) -> str:
     """Bytes autograd keeps for backward: the rate pass vs BPTT on the same inputs (estimated on fake
     tensors: the rate graph, and the captured graph with its neurons as the fused BPTT op)."""
     cached = getattr(compiled, "_memory_summary", None)
@@ -114,8 +115,8 @@ def memory_summary(compiled) -> str:
     from .passes import fuse_lif
     from .passes.infra import snapshot
 
-    program = compiled.program
-    source = program.meta.get("ratebp.source")
+    program = compiled.step
+    source = compiled.source
     if source is None:
         text = "(method='bptt': the program is BPTT itself)"
     else:
@@ -146,9 +147,9 @@ def spike_table(program) -> str:
     return "\n".join(lines)
 
 
-def _stages(compiled) -> Dict[str, Callable[[], str]]:
-    program = compiled.program
-    source = program.meta.get("ratebp.source")
+def _stages(compiled: Program) -> Dict[str, Callable[[], str]]:
+    program = compiled.step
+    source = compiled.source
     by_name = {r.name: r for r in compiled.history}
     bptt = "(method='bptt': there is no spike/rate split)"
     return {
@@ -163,13 +164,12 @@ def _stages(compiled) -> Dict[str, Callable[[], str]]:
     }
 
 
-def _summary(compiled) -> str:
-    program = compiled.program
-    source = program.meta.get("ratebp.source") or program
+def _summary(compiled: Program) -> str:
+    source = compiled.source or compiled.step
     neurons = [n for n in source.graph.nodes if node_kind(n) == "neuron"]
     approximated = [n for n in source.graph.nodes if node_kind(n) == "approximate"]
     model = source.meta.get("ratebp.model", "model")
-    if "ratebp.source" not in program.meta:
+    if compiled.source is None:
         return f"{model}: BPTT training step, {len(neurons)} neurons"
     return (f"{model}: rate-based training step, T = {source.meta.get('ratebp.T')}, {len(neurons)} neurons, "
             f"{len(approximated)} approximated ops")
@@ -188,8 +188,8 @@ def show(obj, stage: Optional[str] = None, format: str = "text") -> str:
     if stage is not None and stage not in stages and stage not in by_name:
         raise RateBPError(f"unknown stage {stage!r}; expected one of {sorted(set(stages) | set(by_name))}")
     if format in ("dot", "svg"):
-        program = compiled.program
-        graphs = {"annotated": program.meta.get("ratebp.source") or program, "program": program,
+        program = compiled.step
+        graphs = {"annotated": compiled.source or program, "program": program,
                   "captured": by_name["capture"].graph}
         if hasattr(program, "spike"):
             graphs.update(spike=_graph(program.spike), rate=_graph(program.rate))
@@ -205,7 +205,7 @@ def show(obj, stage: Optional[str] = None, format: str = "text") -> str:
         if stage in stages:
             return _header(_TITLES[stage]) + "\n" + stages[stage]() + "\n"
         return _header(f"after {stage}") + "\n" + by_name[stage].code.strip() + "\n"
-    names = ("annotated", "spike", "rate", "memory", "history") if hasattr(compiled.program, "spike") \
+    names = ("annotated", "spike", "rate", "memory", "history") if compiled.spike is not None \
         else ("program", "history")
     parts = [_summary(compiled)]
     for name in names:

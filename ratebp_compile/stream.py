@@ -23,18 +23,7 @@ from torch import nn
 from .nn.spec import NeuronSpec
 from .time_layout import TimeLayout
 
-__all__ = ["StreamStage", "StageInput", "ChannelMoments", "chunk_bounds", "DEFAULT_TIME_CHUNK", "check_time_chunk"]
-
-#: Steps per chunk unless the user says otherwise: T up to 8 runs at once (no recomputation).
-DEFAULT_TIME_CHUNK = 8
-
-
-def check_time_chunk(time_chunk) -> None:
-    from .errors import RateBPError
-
-    if time_chunk is not None and (isinstance(time_chunk, bool) or not isinstance(time_chunk, int) or time_chunk < 1):
-        raise RateBPError(f"time_chunk must be a positive int or None, got {time_chunk!r}")
-
+__all__ = ["StreamStage", "StageInput", "ChannelMoments", "chunk_bounds"]
 
 def chunk_bounds(T: int, chunk: int) -> List[Tuple[int, int]]:
     """``(start, length)`` of ⌈T/chunk⌉ chunks of near-equal length (at most ``chunk``) covering T steps."""

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -35,6 +36,26 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, msg: str = "") ->
         return
     rtol, atol = TOLERANCES[expected.dtype]
     torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, msg=msg or None)
+
+
+def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same shape, dtype and bytes (NaNs included): what "the step left its input unchanged" means."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    def raw(t):
+        return t.detach().contiguous().view(-1).view(torch.uint8)
+    return torch.equal(raw(a), raw(b))
+
+
+@contextmanager
+def inputs_unchanged(*inputs):
+    """Asserts, on leaving, that the tensors among ``inputs`` hold bitwise what they held on entering: a
+    training step writes nothing it does not own."""
+    tensors = [t for t in inputs if isinstance(t, torch.Tensor)]
+    before = [t.detach().clone() for t in tensors]
+    yield
+    for i, (t, b) in enumerate(zip(tensors, before)):
+        assert bitwise_equal(t, b), f"the step changed its input {i}"
 
 
 def snapshot_model(model: torch.nn.Module):

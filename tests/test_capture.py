@@ -11,7 +11,7 @@ from torch import nn
 import ratebp_compile as rc
 from ratebp_compile.capture import capture, propagate_shapes
 from ratebp_compile.nn import LIF
-from tests.conftest import assert_model_unchanged, snapshot_model
+from tests.conftest import assert_model_unchanged, inputs_unchanged, snapshot_model
 
 LINE = re.compile(r"test_capture\.py:\d+")
 
@@ -59,10 +59,10 @@ def test_topology_capture_shapes_and_single_neuron_nodes():
 
 def test_topology_trains_with_transform():
     m = Topology()
-    with pytest.warns(rc.ApproximationWarning, match="relu"):
+    x = torch.rand(3, 2, 2, 6, 6)
+    with pytest.warns(rc.ApproximationWarning, match="relu"), inputs_unchanged(x):
         tm = rc.transform(m)
-        out = tm(torch.rand(3, 2, 2, 6, 6))
-    out.sum().backward()
+        tm(x).sum().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters())
     assert any(p.grad.abs().sum() > 0 for p in m.parameters())
 
@@ -125,7 +125,7 @@ class WithForeign(nn.Module):
 
 @pytest.mark.parametrize("model,pattern", [
     (ControlFlow, r"control flow.*test_capture\.py:\d+ in forward: if x\.sum\(\) > 0"),
-    (WithState, r"stateful module 'acc' \(Accumulator\).*self\.v.*test_capture\.py:\d+ in forward"),
+    (WithState, r"module 'acc' \(Accumulator\): its forward sets self\.v at .*test_capture\.py:\d+ in forward"),
     (WithForeign, r"unrecognised stateful module 'sn' \(spikingjelly.*LIFNode\).*register_neuron.*test_capture"),
 ], ids=["control-flow", "stateful", "foreign-neuron"])
 def test_refused_at_capture_with_source_line(model, pattern):

@@ -18,9 +18,11 @@ SCRIPT = textwrap.dedent("""
     from ratebp_compile import kernels, models
     assert not kernels.triton_available()              # no Triton here: the ops' PyTorch path
     model = models.resnet18(num_classes=4, width=4)
-    out = torch.compile(model, backend="ratebp", options={"compiler": "eager"})(torch.rand(2, 2, 3, 16, 16))
+    x = torch.rand(2, 2, 3, 16, 16)
+    given = x.clone()
+    out = torch.compile(model, backend="ratebp", options={"compiler": "eager"})(x)
     F.cross_entropy(out.mean(0), torch.tensor([0, 3])).backward()
-    assert all(p.grad is not None for p in model.parameters())
+    assert all(p.grad is not None for p in model.parameters()) and torch.equal(x, given)
     print("ok")
 """)
 

@@ -11,7 +11,7 @@ import ratebp_compile as rc
 from ratebp_compile import kernels
 from ratebp_compile.models import from_reference_spec
 from ratebp_compile.nn import NeuronSpec
-from tests.conftest import FIXTURE_ATOL, FIXTURE_RTOL, reference_files
+from tests.conftest import FIXTURE_ATOL, FIXTURE_RTOL, bitwise_equal, reference_files
 
 FILES = reference_files()
 
@@ -32,13 +32,29 @@ def _load(path):
             p.copy_(v)
         for b, v in zip(buffers, blob["buffers"]):
             b.copy_(v)
+    blob["x_seq_given"] = blob["x_seq"].clone()          # the step must leave its input as given
     return blob, meta, model
 
 
-def _assert_fixture_close(ours, ref, what):
-    bound = FIXTURE_ATOL + FIXTURE_RTOL * ref.abs().max().item()
+def _assert_fixture_close(ours, ref, what, scale=None):
+    """The fixtures' criterion: |ours - ref| <= ATOL + RTOL * scale, the scale being max|ref| unless given."""
+    bound = FIXTURE_ATOL + FIXTURE_RTOL * (ref.abs().max().item() if scale is None else scale)
     err = (ours - ref).abs().max().item()
     assert err <= bound, f"{what}: max error {err:.3e} > {bound:.3e}"
+
+
+def _gradient_scales(names, refs):
+    """The scale each gradient is judged at: its own largest value, or — for a bias — that of its layer's
+    weight gradient if larger. A convolution's bias right before a BatchNorm has a true gradient of zero,
+    which the fixture records as rounding noise (1e-7 beside weight gradients of 1e-2): only at the
+    layer's scale is the relative criterion meaningful for it."""
+    by_name = dict(zip(names, refs))
+    scales = []
+    for name, ref in zip(names, refs):
+        scale = ref.abs().max().item()
+        weight = by_name.get(name[:-len("bias")] + "weight") if name.endswith("bias") else None
+        scales.append(max(scale, weight.abs().max().item()) if weight is not None else scale)
+    return scales
 
 
 def _assert_step_matches(blob, meta, model, out, key):
@@ -48,10 +64,13 @@ def _assert_step_matches(blob, meta, model, out, key):
     logits = out.mean(0)
     loss = F.cross_entropy(logits, blob["y"])
     loss.backward()
+    assert bitwise_equal(blob["x_seq"], blob["x_seq_given"]), "the step changed its input"
     _assert_fixture_close(logits.detach(), blob[key]["logits"], "logits")
     assert abs(loss.item() - blob[key]["loss"].item()) <= 1e-5
-    for name, p, g in zip(blob["param_names"], model.parameters(), blob[key]["grads"]):
-        _assert_fixture_close(p.grad, scale * g, name)
+    refs = [scale * g for g in blob[key]["grads"]]
+    for name, p, ref, at in zip(blob["param_names"], model.parameters(), refs,
+                                _gradient_scales(blob["param_names"], refs)):
+        _assert_fixture_close(p.grad, ref, name, at)
     for name, b, ref in zip(blob["buffer_names"], model.buffers(), blob[key]["buffers_after"]):
         if b.dtype.is_floating_point:
             _assert_fixture_close(b, ref, name)
@@ -77,7 +96,7 @@ def test_one_training_step_matches_the_authors(path, method, kernel_path, monkey
     key = "rate" if method == "ratebp" else "bptt"
     tm = rc.transform(model, method=method).train()
     out = tm(blob["x_seq"])
-    graph = tm.compiled.program.spike if method == "ratebp" else tm.compiled.program
+    graph = tm.compiled.step.spike if method == "ratebp" else tm.compiled.step
     neurons = [n.target for n in graph.graph.nodes if isinstance(n.target, NeuronSpec)]
     assert neurons and all(spec.fused for spec in neurons)
     assert out.shape == (meta["T"], meta["batch"], meta["num_classes"])
@@ -94,7 +113,7 @@ def test_streamed_spike_pass_matches_the_authors(path):
     blob, meta, model = _load(path)
     tm = rc.transform(model, time_chunk=2).train()
     _assert_step_matches(blob, meta, model, tm(blob["x_seq"]), "rate")
-    assert tm.compiled.program.meta["ratebp.streamed"].startswith("in chunks of at most 2")
+    assert tm.compiled.step.meta["ratebp.streamed"].startswith("in chunks of at most 2")
 
 
 @pytest.mark.parametrize("path", FILES, ids=[p.stem for p in FILES])

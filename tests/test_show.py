@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 import ratebp_compile as rc
 from ratebp_compile import models
+from tests.conftest import inputs_unchanged
 from tests.passes.util import Tiny, tiny_input
 
 EXPECTED_ANNOTATED = """\
@@ -34,9 +35,10 @@ def test_annotated_text_is_exactly_this():
 
 def _vgg_with_max_pool():
     model = models.SpikingVGG([4, "M", 8, "AA"], [8, 3])
-    with pytest.warns(rc.ApproximationWarning):
+    x = torch.rand(3, 2, 3, 16, 16)
+    with pytest.warns(rc.ApproximationWarning), inputs_unchanged(x):
         tm = rc.transform(model)
-        F.cross_entropy(tm(torch.rand(3, 2, 3, 16, 16)).mean(0), torch.tensor([0, 2])).backward()
+        F.cross_entropy(tm(x).mean(0), torch.tensor([0, 2])).backward()
     return tm
 
 
@@ -47,7 +49,7 @@ def test_full_text_names_every_neuron_and_approximation():
     assert text.startswith("SpikingVGG: rate-based training step, T = 3, 2 neurons, 1 approximated ops")
     for title in ("captured graph, annotated", "spike graph", "rate graph", "memory", "passes"):
         assert f"=== {title}" in text
-    neurons = [n.name for n in tm.compiled.program.meta["ratebp.source"].graph.nodes
+    neurons = [n.name for n in tm.compiled.step.meta["ratebp.source"].graph.nodes
                if isinstance(n.target, rc.nn.NeuronSpec)]
     assert len(neurons) == 2 and all(re.search(rf"^{n}\s.*neuron$", text, re.M) for n in neurons)
     assert re.search(r"^features_1_layer\s+MaxPool2d\(.*approximate$", text, re.M)
@@ -68,7 +70,7 @@ def test_memory_summary_grows_with_T_for_bptt_only():
 
 def test_dot_has_one_node_per_graph_node_and_highlights():
     tm = _vgg_with_max_pool()
-    graph = tm.compiled.program.meta["ratebp.source"].graph
+    graph = tm.compiled.step.meta["ratebp.source"].graph
     dot = rc.show(tm, format="dot")
     assert len(re.findall(r"^\s+n\d+ \[label=", dot, re.M)) == len(graph.nodes)
     assert re.search(r'label="features_1_layer\\nMaxPool2d[^"]*", fillcolor="#e63946"', dot)     # approximated
@@ -79,7 +81,7 @@ def test_dot_has_one_node_per_graph_node_and_highlights():
 @pytest.mark.parametrize("stage", ["annotated", "spike", "rate"])
 def test_svg_is_valid_xml_with_one_node_per_graph_node(stage):
     tm = _vgg_with_max_pool()
-    program = tm.compiled.program
+    program = tm.compiled.step
     graph = {"annotated": program.meta["ratebp.source"], "spike": program.spike, "rate": program.rate}[stage].graph
     svg = rc.show(tm, stage, format="svg")
     root = ET.fromstring(svg)
@@ -94,7 +96,9 @@ def test_show_of_a_compiled_model():
     torch._dynamo.reset()
     model = Tiny()
     opt = torch.compile(model, backend="ratebp", options={"compiler": "eager"})
-    opt(tiny_input()).sum().backward()
+    x = tiny_input()
+    with inputs_unchanged(x):
+        opt(x).sum().backward()
     text = rc.show(opt)
     assert text.startswith("torch.compile graph: rate-based training step, T = 2, 1 neurons")
     assert "rate_neuron" in text and rc.show(opt, format="dot").startswith("digraph")

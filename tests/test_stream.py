@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from ratebp_compile.errors import RateBPError
-from ratebp_compile.stream import ChannelMoments, check_time_chunk, chunk_bounds, time_slice
+from ratebp_compile.options import StepOptions
+from ratebp_compile.stream import ChannelMoments, chunk_bounds, time_slice
 from ratebp_compile.time_layout import TimeLayout
 
 
@@ -45,4 +46,4 @@ def test_channel_moments_over_chunks_equal_the_whole(dtype):
 @pytest.mark.parametrize("bad", [0, -2, 2.5, True, "8"])
 def test_bad_time_chunk(bad):
     with pytest.raises(RateBPError, match="time_chunk must be a positive int or None"):
-        check_time_chunk(bad)
+        StepOptions(time_chunk=bad)

@@ -22,7 +22,7 @@ import torch
 
 from .. import models
 from ..memory import SavedTensorMeter
-from ..stream import DEFAULT_TIME_CHUNK
+from ..options import DEFAULT_TIME_CHUNK
 from .common import (MiB, StepMemory, build_model, command_line, default_path, environment, make_runner,
                      pick_device, synchronize, train_step, write_json)
 from .data import CLIError

@@ -19,10 +19,9 @@ from ..memory import LiveTensorTracker
 from .data import CLIError
 
 __all__ = ["pick_device", "build_model", "make_runner", "train_step", "StepMemory", "synchronize", "environment",
-           "write_atomically", "write_json", "ensure_parent", "default_path", "command_line", "MiB", "METHODS"]
+           "write_atomically", "write_json", "ensure_parent", "default_path", "command_line", "MiB"]
 
 MiB = 2 ** 20
-METHODS = ("ratebp", "bptt")
 
 
 def pick_device(name: str) -> torch.device:

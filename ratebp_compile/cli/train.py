@@ -21,9 +21,9 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from .. import models
-from ..stream import DEFAULT_TIME_CHUNK
+from ..options import DEFAULT_TIME_CHUNK, METHODS
 from .checkpoint import CheckpointFile, checkpoint_path, interrupt_note, load_checkpoint, restore
-from .common import (METHODS, MiB, StepMemory, build_model, command_line, default_path, environment,
+from .common import (MiB, StepMemory, build_model, command_line, default_path, environment,
                      make_runner, pick_device, synchronize, train_step, write_json)
 from .data import DATASETS, ENCODINGS, CLIError, Dataset, encode, load_dataset
 from .progress import Progress

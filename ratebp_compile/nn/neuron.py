@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .. import kernels
+from ..marks import neuron_mode
 from . import functional as RF
 from .spec import NeuronSpec
 from .surrogate import Sigmoid, Surrogate
@@ -117,6 +118,8 @@ class _LIFBase(Neuron):
 
     def forward(self, x):
         self._sequence(x)                  # checks the shape
+        if torch.compiler.is_compiling():
+            x = neuron_mode(x, self.training)
         spec = self.spec()
         if kernels.supports(spec, x):      # the fused BPTT custom op (one node for torch.compile)
             spec = spec.with_fused()
@@ -208,6 +211,8 @@ class _Cell:
         self.v = None
 
     def forward(self, x_t: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            x_t = neuron_mode(x_t, self.training)
         spec = super().spec()
         if kernels.lif_cell.supports_lif_cell(spec, x_t):   # one custom-op node per step for torch.compile
             s, self.v = kernels.lif_cell.cell_step(spec, x_t, self.v, *(getattr(self, p) for p in spec.param_names))

@@ -2,8 +2,8 @@
 under rate-based backprop (``classify``).
 """
 from .classify import APPROXIMATE, BATCHNORM, EXACT, NEURON, REFUSED, STATE, STATIC, OpClass, classify
-from .layout import Context, arg, output_layout
+from .layout import Context, arg, is_module_state, output_layout
 from .table import OpInfo, op_info
 
-__all__ = ["OpInfo", "OpClass", "op_info", "output_layout", "classify", "Context", "arg", "EXACT", "APPROXIMATE",
-           "REFUSED", "STATIC", "NEURON", "BATCHNORM", "STATE"]
+__all__ = ["OpInfo", "OpClass", "op_info", "output_layout", "classify", "Context", "arg", "is_module_state", "EXACT",
+           "APPROXIMATE", "REFUSED", "STATIC", "NEURON", "BATCHNORM", "STATE"]

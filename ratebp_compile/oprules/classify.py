@@ -11,15 +11,17 @@ Ops whose inputs are all static are evaluated identically in both passes.
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.fx
+from torch.utils import _pytree as pytree
 
 from ..time_layout import Mixed, TimeLayout, is_temporal
-from .layout import Context, _module, _norm_dims, _shape, _temporal_inputs, _val, arg, holds_tensors
-from .table import OpInfo, is_inplace_method
+from .layout import Context, _module, _norm_dims, _shape, _temporal_inputs, _val, arg, holds_tensors, is_module_state
+from .table import OpInfo, is_inplace_method, op_info
 
 __all__ = ["OpClass", "classify", "EXACT", "APPROXIMATE", "REFUSED", "STATIC", "NEURON", "BATCHNORM", "STATE"]
 
@@ -56,18 +58,59 @@ def _time_reduction(node, info, ctx) -> Optional[str]:
     return info.name
 
 
+_VIEWS = ("reshape", "permute", "getitem", "split", "broadcast")
+_IN_PLACE_OPERATORS = (operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv,
+                       operator.ifloordiv, operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor)
+
+
+def _written(node: torch.fx.Node, ctx: Context) -> Optional[torch.fx.Node]:
+    """The tensor an in-place op writes into — followed through views to the tensor they view — or None for
+    an op that writes nothing it was given."""
+    in_place = is_inplace_method(node) or (node.op == "call_function" and node.target in _IN_PLACE_OPERATORS) or \
+        "out" in node.kwargs
+    if not in_place or not node.args or not isinstance(_val(node.args[0]), torch.Tensor):
+        return None
+    target = node.kwargs["out"] if "out" in node.kwargs else node.args[0]
+    while isinstance(target, torch.fx.Node) and target.op in ("call_function", "call_method") and target.args:
+        info = op_info(target, ctx.gm)
+        if info is None or info.family not in _VIEWS:
+            break
+        target = target.args[0]
+    return target if isinstance(target, torch.fx.Node) else None
+
+
+def _in_place_state(node: torch.fx.Node, ctx: Context) -> Optional[OpClass]:
+    """The class of an op that writes into an input or into module state, else None. A BatchNorm's batch
+    counter (in a ``torch.compile`` graph, where BatchNorm's forward is traced) is state the spike pass
+    updates; every other write into an input or a module's buffer is refused."""
+    target = _written(node, ctx)
+    if target is None or target.op not in ("placeholder", "get_attr"):
+        return None
+    stack = list((node.meta.get("nn_module_stack") or {}).values())
+    owner = stack[-1][1] if stack else None
+    if isinstance(owner, type) and issubclass(owner, torch.nn.modules.batchnorm._BatchNorm):
+        return OpClass(STATE, "updates a buffer in place: run by the spike pass only")
+    if target.op == "placeholder" and not is_module_state(target):
+        return OpClass(REFUSED, f"writes into the input '{target.target}' in place; the rate pass reads the "
+                                f"inputs after the spike pass, so they must stay as given")
+    return OpClass(REFUSED, f"updates the module state '{target.target}' in place, i.e. keeps state between "
+                            f"calls; a compiled step would update it in the spike pass only, not as the "
+                            f"plain model does")
+
+
 def classify(node: torch.fx.Node, info: Optional[OpInfo], ctx: Context, batchnorm_uses_batch_stats: bool) -> OpClass:
     """Exact, approximate or refused (see the module docstring); ``node``'s layout is already known."""
     out = ctx.layout(node)
     inputs = _temporal_inputs(node, ctx)
+    state = _in_place_state(node, ctx)
+    if state is not None:
+        return state
     if not holds_tensors(_val(node)):
         return OpClass(STATIC)
     if isinstance(out, Mixed) or (isinstance(out, tuple) and any(isinstance(l, Mixed) for l in out)):
         reason = out.reason if isinstance(out, Mixed) else next(l.reason for l in out if isinstance(l, Mixed))
         return OpClass(REFUSED, reason)
     if not any(is_temporal(l) for l in inputs.values()):
-        if is_inplace_method(node) and node.args[0].op in ("placeholder", "get_attr"):
-            return OpClass(STATE, "updates a buffer in place: run by the spike pass only")
         if info is not None and info.family == "dropout" and _dropout_active(node, ctx):
             return OpClass(APPROXIMATE, "dropout draws a different mask in the rate pass")
         if is_temporal(out):
@@ -90,7 +133,9 @@ def classify(node: torch.fx.Node, info: Optional[OpInfo], ctx: Context, batchnor
         return OpClass(EXACT, "sum over time (the rate pass multiplies by T)", sums_over_time=True)
     if reduction is not None:
         return OpClass(REFUSED, f"{name} over the time axis mixes timesteps")
-    n_temporal = sum(1 for l in inputs.values() if is_temporal(l))
+    # operands, not distinct nodes: x * x is a product of two temporal tensors
+    n_temporal = sum(1 for a in pytree.tree_leaves((node.args, node.kwargs))
+                     if isinstance(a, torch.fx.Node) and is_temporal(ctx.layout(a)))
     if info.family == "dropout":
         if _dropout_active(node, ctx):
             return OpClass(APPROXIMATE, "dropout draws a different mask in the rate pass")

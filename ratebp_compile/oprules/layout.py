@@ -14,7 +14,7 @@ import torch.fx
 from ..time_layout import Layout, Mixed, TimeLayout, is_temporal, reshape_layout, shift_axis
 from .table import OpInfo
 
-__all__ = ["Context", "arg", "op_dims", "output_layout", "holds_tensors"]
+__all__ = ["Context", "arg", "op_dims", "output_layout", "holds_tensors", "is_module_state"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -24,6 +24,13 @@ def arg(node: torch.fx.Node, index: int, name: str, default=None):
     if len(node.args) > index:
         return node.args[index]
     return node.kwargs.get(name, default)
+
+
+def is_module_state(placeholder: torch.fx.Node) -> bool:
+    """A placeholder holding a parameter or buffer: Dynamo lifts module state to graph inputs and marks
+    it as static input (``transform``'s graphs reach module state through get_attr instead)."""
+    return placeholder.op == "placeholder" and \
+        bool((placeholder.meta.get("tensor_dict") or {}).get("_dynamo_static_input_type"))
 
 
 def _val(x):

@@ -4,8 +4,6 @@ A pipeline is a literal list; ``run_pipeline`` runs it, checks every pass's post
 records the history that ``ratebp_compile.show`` prints. See README.md in this folder for the
 invariants that hold between passes.
 """
-from typing import List, Optional, Tuple
-
 from .build_rate_graph import build_rate_graph
 from .build_spike_graph import build_spike_graph
 from .classify_ops import classify_ops
@@ -18,7 +16,7 @@ from .stream_time import TIME_CHUNK, stream_time
 
 __all__ = ["PIPELINE", "BPTT_PIPELINE", "PassResult", "PassRecord", "run_pipeline", "normalize_neurons",
            "fold_time", "infer_time_layout", "classify_ops", "build_spike_graph", "build_rate_graph", "fuse_lif",
-           "stream_time", "compile_step", "METHODS", "GRAD_SCALES"]
+           "stream_time"]
 
 # Rate-based training step: captured graph -> program(spike graph, rate graph).
 PIPELINE = [
@@ -39,18 +37,3 @@ BPTT_PIPELINE = [
     fuse_lif,              # neurons -> fused BPTT kernels (forward + reverse-time backward) where supported
 ]
 
-
-METHODS = ("ratebp", "bptt")
-GRAD_SCALES = ("bptt", "upstream")
-
-
-def compile_step(gm, *, input_layouts: List[str], method: str, grad_scale: str, time_chunk: Optional[int],
-                 capture_seconds: float = 0.0) -> Tuple[object, List[PassRecord]]:
-    """Run the pipeline of ``method`` on a captured graph (``transform``'s or Dynamo's) with the step's
-    settings; returns the program and the history (``history[0]``: the capture)."""
-    gm.meta["ratebp.input_layouts"] = input_layouts
-    gm.meta["ratebp.upstream_grad_scale"] = grad_scale == "upstream"
-    gm.meta[TIME_CHUNK] = time_chunk
-    history = [PassRecord("capture", True, capture_seconds, snapshot(gm))]
-    program = run_pipeline(gm, PIPELINE if method == "ratebp" else BPTT_PIPELINE, history)
-    return program, history

@@ -2,20 +2,22 @@
 from __future__ import annotations
 
 import operator
-from typing import Dict, List
+from typing import Dict, List, Optional, Tuple
 
+import torch
 import torch.fx as fx
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..capture import propagate_shapes
 from ..graph_ops import (batch_norm_no_update, rate_batch_norm, rate_neuron, route_gradient, time_average,
                          update_batch_norm_stats)
+from ..hooks import ModuleHooks
 from ..nn.spec import NeuronSpec
 from ..oprules import BATCHNORM, STATE, op_info
 from ..time_layout import TimeLayout
 from .batchnorm_parts import batchnorm_parts, is_batchnorm, uses_batch_statistics
-from .build_spike_graph import AUX, OUTPUT_INDEX, SOURCE, _ident
-from .infra import PassResult, check_values, copy_meta, postcondition, require
+from .build_spike_graph import OUTPUT_INDEX, SOURCE, STATISTICS, Statistic
+from .infra import PassResult, at_node, check_values, copy_meta, postcondition, require
 from .retime import is_constant, retimed_shape_op, retimed_value, retimes
 
 __all__ = ["build_rate_graph"]
@@ -24,13 +26,13 @@ PASS = "build_rate_graph"
 
 
 class _RateBuilder:
-    def __init__(self, source: fx.GraphModule, aux_names: List[str]):
+    def __init__(self, source: fx.GraphModule, statistics: List[Statistic]):
         self.source = source
         self.T = source.meta["ratebp.T"]
         self.g = fx.Graph()
         self.env: Dict[fx.Node, object] = {}
-        self.aux_names = aux_names
-        self.aux: Dict[str, fx.Node] = {}
+        self.statistics = statistics
+        self.inputs: Dict[Tuple[fx.Node, str], fx.Node] = {}      # (source node, role) -> placeholder
 
     def mapped(self, n):
         return self.env[n]
@@ -47,8 +49,8 @@ class _RateBuilder:
             if node.op == "placeholder":     # no default values: the aux inputs follow
                 self.env[node] = self.g.placeholder(node.target, type_expr=node.type)
                 self.env[node].meta.update(node.meta)
-        for name in self.aux_names:
-            self.aux[name] = self.g.placeholder(name)
+        for stat in self.statistics:
+            self.inputs[stat.node, stat.role] = self.g.placeholder(stat.name)
         for node in nodes:
             if node.op == "placeholder":
                 continue
@@ -56,10 +58,13 @@ class _RateBuilder:
                 leaves, _ = tree_flatten(node.args[0])
                 self.g.output(tuple(self.env[l] for l in leaves if isinstance(l, fx.Node)))
                 continue
-            self.env[node] = self.rewrite(node)
+            with at_node(PASS, node, self.source):
+                self.env[node] = self.rewrite(node)
         return self.g
 
     def rewrite(self, node: fx.Node):
+        if isinstance(node.target, ModuleHooks):
+            return None                      # hooks see the spike pass's values, once per step
         val = node.meta.get("val")
         if node.op != "get_attr" and is_constant(val):
             return val                       # shapes and other Python values: the spike pass's values
@@ -70,18 +75,16 @@ class _RateBuilder:
             return self.env[node.args[0]] if node.op == "call_method" else None
         if isinstance(node.target, NeuronSpec):
             spec: NeuronSpec = node.target
-            name = _ident(node.meta.get("ratebp.module", node.name))
             x, *params = [self.env[a] for a in node.args]
-            e_params = [self.aux[f"e_{p}_{name}"] for p in spec.param_names]
+            e_params = [self.inputs[node, f"e_{p}"] for p in spec.param_names]
             return self.new(node, "call_function", rate_neuron,
-                            (x, self.aux[f"r_{name}"], self.aux[f"e_{name}"], params, e_params))
+                            (x, self.inputs[node, "r"], self.inputs[node, "e"], params, e_params))
         if is_batchnorm(node, self.source) and uses_batch_statistics(node, self.source):
             parts = batchnorm_parts(node, self.source)
             w = parts.materialize(parts.weight, self.g, self.mapped)
             b = parts.materialize(parts.bias, self.g, self.mapped)
             if cls.kind == BATCHNORM:
-                name = _ident(parts.module or node.name)
-                mean, var = self.aux[f"bn_mean_{name}"], self.aux[f"bn_var_{name}"]
+                mean, var = self.inputs[node, "mean"], self.inputs[node, "var"]
                 if parts.per_step:      # statistics averaged over the steps
                     mean = self.new(node, "call_method", "mean", (mean, 0))
                     var = self.new(node, "call_method", "mean", (var, 0))
@@ -96,6 +99,32 @@ class _RateBuilder:
         if cls is not None and cls.sums_over_time:
             return self.new(node, "call_function", operator.mul, (copied, self.T))
         return copied
+
+
+_CASTS = {"float": torch.float32, "double": torch.float64, "half": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _cast_dtype(node: fx.Node) -> Optional[torch.dtype]:
+    """The floating dtype ``node`` casts its first argument to (``x.float()``, ``x.to(torch.float64)``, ...)."""
+    if node.op != "call_method":
+        return None
+    if node.target in _CASTS:
+        return _CASTS[node.target]
+    if node.target in ("to", "type"):
+        dtype = node.kwargs.get("dtype", node.args[1] if len(node.args) > 1 else None)
+        return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else None
+    return None
+
+
+def _average_dtype(placeholder: fx.Node) -> Optional[torch.dtype]:
+    """The dtype of a temporal input's time average when the input is not floating point (0/1 spikes as uint8
+    or bool, counts): the floating dtype the model casts it to when every use is that one cast, else the
+    default dtype (what ``x * 0.5`` would give). None for a floating-point input (averaged in its dtype)."""
+    val = placeholder.meta.get("val")
+    if not isinstance(val, torch.Tensor) or val.dtype.is_floating_point:
+        return None
+    casts = {_cast_dtype(u) for u in placeholder.users}
+    return casts.pop() if len(casts) == 1 and None not in casts else torch.get_default_dtype()
 
 
 def _check(program: fx.GraphModule) -> None:
@@ -160,8 +189,10 @@ def build_rate_graph(program: fx.GraphModule) -> PassResult:
     source: fx.GraphModule = program.meta[SOURCE]
     T = source.meta["ratebp.T"]
     g = program.graph
-    aux_nodes = [n for n in g.nodes if AUX in n.meta]
-    builder = _RateBuilder(source, [n.meta[AUX] for n in aux_nodes])
+    statistics = program.meta[STATISTICS]
+    by_name = {n.name: n for n in g.nodes}
+    aux_nodes = [by_name[stat.name] for stat in statistics]
+    builder = _RateBuilder(source, statistics)
     rate = fx.GraphModule(source, builder.build(), class_name="RateGraph")
     program.add_submodule("rate", rate)
 
@@ -170,16 +201,17 @@ def build_rate_graph(program: fx.GraphModule) -> PassResult:
     first_update = next((n for n in g.nodes if n.target is update_batch_norm_stats), None)
     output = next(n for n in g.nodes if n.op == "output")
     scale = 1.0 / T if program.meta.get("ratebp.upstream_grad_scale") else 1.0
-    rate_values = [retimed_value(src, T) for src in source_placeholders]
+    dtypes = [_average_dtype(src) for src in source_placeholders]
+    rate_values = [retimed_value(src, T, dtype=dtype) for src, dtype in zip(source_placeholders, dtypes)]
     propagate_shapes(rate, rate_values + [n.meta["val"] for n in aux_nodes])
     rate_outputs = [a.meta["val"] if isinstance(a, fx.Node) else a
                     for a in next(n for n in rate.graph.nodes if n.op == "output").args[0]]
     with g.inserting_before(first_update or output):
         rate_inputs = []
-        for ph, src, val in zip(placeholders, source_placeholders, rate_values):
+        for ph, src, val, dtype in zip(placeholders, source_placeholders, rate_values, dtypes):
             lay = src.meta.get("ratebp.time")
             if isinstance(lay, TimeLayout):
-                avg = g.call_function(time_average, (ph, lay.axis, lay.merged, T))
+                avg = g.call_function(time_average, (ph, lay.axis, lay.merged, T) + ((dtype,) if dtype else ()))
                 copy_meta(avg, src, PASS, val)
                 rate_inputs.append(avg)
             else:

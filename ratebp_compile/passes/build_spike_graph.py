@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import operator
-import re
-from typing import Dict, List
+from dataclasses import dataclass, field
+from typing import Dict, List, Set
 
 import torch.fx as fx
 from torch.utils._pytree import tree_flatten, tree_unflatten
@@ -12,18 +12,36 @@ from ..capture import propagate_shapes
 from ..graph_ops import spike_batch_norm, spike_batch_norm_per_step, update_batch_norm_stats, without_grad
 from ..nn.spec import NeuronSpec
 from .batchnorm_parts import batchnorm_parts, is_batchnorm, uses_batch_statistics
-from .infra import PassResult, check_values, copy_meta, postcondition, require
+from .infra import (PassResult, at_node, check_values, copy_meta, identifier, postcondition, require,
+                    unique_name)
 
-__all__ = ["build_spike_graph", "SOURCE", "AUX", "OUTPUT_INDEX"]
+__all__ = ["build_spike_graph", "Statistic", "SOURCE", "STATISTICS", "AUX", "OUTPUT_INDEX"]
 
 PASS = "build_spike_graph"
 SOURCE = "ratebp.source"            # program.meta: the annotated source graph
-AUX = "ratebp.aux"                  # program node meta: name of a spike-pass statistic (r_*, e_*, bn_*)
+STATISTICS = "ratebp.statistics"    # program.meta: the Statistics, in the order the spike graph outputs them
+AUX = "ratebp.aux"                  # program node meta: the Statistic the node holds
 OUTPUT_INDEX = "ratebp.output"      # program node meta: index of a spike-pass output leaf
 
 
-def _ident(path: str) -> str:
-    return re.sub(r"\W", "_", path)
+@dataclass(frozen=True)
+class Statistic:
+    """One value the spike pass hands the rate pass: a neuron's rate (role ``"r"``), eligibility (``"e"``)
+    or the eligibility of one of its parameters (``"e_<param>"``), or the batch ``"mean"`` or ``"var"`` of
+    a BatchNorm with statistics over time and batch."""
+
+    name: str           # unique in the program: the step graph's node and the rate graph's input
+    role: str
+    owner: str          # the neuron or BatchNorm module's path (a node's name for a functional BatchNorm)
+    node: fx.Node = field(compare=False, repr=False)      # the source graph's neuron or BatchNorm node
+
+
+def _statistic(node: fx.Node, role: str, owner: str, taken: Set[str]) -> Statistic:
+    """The statistic ``role`` of ``node``, named after its owner; a module called more than once (a shared
+    neuron) gets one name per call."""
+    name = unique_name(f"{'bn_' if role in ('mean', 'var') else ''}{role}_{identifier(owner)}", taken)
+    taken.add(name)
+    return Statistic(name, role, owner, node)
 
 
 def _getitem(graph: fx.Graph, node: fx.Node, i: int, meta_from: fx.Node, val=None) -> fx.Node:
@@ -32,48 +50,49 @@ def _getitem(graph: fx.Graph, node: fx.Node, i: int, meta_from: fx.Node, val=Non
 
 
 def _build(source: fx.GraphModule):
-    """The spike graph, its aux statistics (name, node) and the BatchNorm updates to schedule."""
+    """The spike graph, its statistics (Statistic, spike graph node) and the BatchNorm updates to schedule."""
     g = fx.Graph()
     env: Dict[fx.Node, fx.Node] = {}
     aux: List[tuple] = []
-    bn_updates: List[tuple] = []      # (parts, count, mean aux name, var aux name)
+    taken: Set[str] = set()
+    bn_updates: List[tuple] = []      # (parts, count, mean Statistic, var Statistic)
     output_leaves, output_spec = None, None
     for node in source.graph.nodes:
-        if node.op == "output":
-            leaves, output_spec = tree_flatten(node.args[0])
-            output_leaves = leaves
-            g.output(tuple(env[l] for l in leaves if isinstance(l, fx.Node)) + tuple(n for _, n in aux))
-        elif isinstance(node.target, NeuronSpec):
-            spec: NeuronSpec = node.target
-            call = g.call_function(spec.with_mode("spike"), tuple(env[a] for a in node.args))
-            copy_meta(call, node, PASS)
-            call.meta["ratebp.neuron"] = spec
-            call.meta["ratebp.module"] = node.meta.get("ratebp.module")
-            env[node] = _getitem(g, call, 0, node, node.meta.get("val"))
-            env[node].meta["ratebp.time"] = node.meta["ratebp.time"]
-            name = _ident(node.meta.get("ratebp.module", node.name))
-            roles = ["r", "e"] + [f"e_{p}" for p in spec.param_names]
-            for i, role in enumerate(roles, start=1):
-                aux.append((f"{role}_{name}", _getitem(g, call, i, node)))
-        elif is_batchnorm(node, source) and uses_batch_statistics(node, source):
-            parts = batchnorm_parts(node, source)
-            args = (env[parts.x], parts.materialize(parts.weight, g, env.__getitem__),
-                    parts.materialize(parts.bias, g, env.__getitem__), parts.eps)
-            if parts.per_step:
-                call = g.call_function(spike_batch_norm_per_step, args + (parts.per_step,))
+        with at_node(PASS, node, source):
+            if node.op == "output":
+                leaves, output_spec = tree_flatten(node.args[0])
+                output_leaves = leaves
+                g.output(tuple(env[l] for l in leaves if isinstance(l, fx.Node)) + tuple(n for _, n in aux))
+            elif isinstance(node.target, NeuronSpec):
+                spec: NeuronSpec = node.target
+                call = g.call_function(spec.with_mode("spike"), tuple(env[a] for a in node.args))
+                copy_meta(call, node, PASS)
+                call.meta["ratebp.neuron"] = spec
+                call.meta["ratebp.module"] = node.meta.get("ratebp.module")
+                env[node] = _getitem(g, call, 0, node, node.meta.get("val"))
+                env[node].meta["ratebp.time"] = node.meta["ratebp.time"]
+                owner = node.meta.get("ratebp.module", node.name)
+                roles = ["r", "e"] + [f"e_{p}" for p in spec.param_names]
+                for i, role in enumerate(roles, start=1):
+                    aux.append((_statistic(node, role, owner, taken), _getitem(g, call, i, node)))
+            elif is_batchnorm(node, source) and uses_batch_statistics(node, source):
+                parts = batchnorm_parts(node, source)
+                args = (env[parts.x], parts.materialize(parts.weight, g, env.__getitem__),
+                        parts.materialize(parts.bias, g, env.__getitem__), parts.eps)
+                if parts.per_step:
+                    call = g.call_function(spike_batch_norm_per_step, args + (parts.per_step,))
+                else:
+                    call = g.call_function(spike_batch_norm, args)
+                copy_meta(call, node, PASS)
+                env[node] = _getitem(g, call, 0, node, node.meta.get("val"))
+                env[node].meta["ratebp.time"] = node.meta["ratebp.time"]
+                mean, var = (_statistic(node, role, parts.module or node.name, taken) for role in ("mean", "var"))
+                aux += [(mean, _getitem(g, call, 1, node)), (var, _getitem(g, call, 2, node))]
+                x = node.args[0].meta["val"]
+                count = x.numel() // x.shape[1] // (parts.per_step or 1)      # samples per statistic
+                bn_updates.append((parts, count, mean, var))
             else:
-                call = g.call_function(spike_batch_norm, args)
-            copy_meta(call, node, PASS)
-            env[node] = _getitem(g, call, 0, node, node.meta.get("val"))
-            env[node].meta["ratebp.time"] = node.meta["ratebp.time"]
-            name = _ident(parts.module or node.name)
-            aux.append((f"bn_mean_{name}", _getitem(g, call, 1, node)))
-            aux.append((f"bn_var_{name}", _getitem(g, call, 2, node)))
-            x = node.args[0].meta["val"]
-            count = x.numel() // x.shape[1] // (parts.per_step or 1)      # samples per statistic
-            bn_updates.append((parts, count, f"bn_mean_{name}", f"bn_var_{name}"))
-        else:
-            env[node] = g.node_copy(node, env.__getitem__)
+                env[node] = g.node_copy(node, env.__getitem__)
     return g, aux, bn_updates, output_leaves, output_spec
 
 
@@ -134,7 +153,9 @@ def build_spike_graph(gm: fx.GraphModule) -> PassResult:
 
     Holds before: every node is classified (classify_ops). Holds after: the result is a program
     GraphModule with submodule ``spike``; ``program.meta["ratebp.source"]`` keeps the annotated source
-    graph; program nodes carry ``meta["ratebp.aux"]`` (statistic name) or ``meta["ratebp.output"]``
+    graph and ``program.meta["ratebp.statistics"]`` the Statistics the spike graph outputs after the model's
+    outputs (a shared neuron module has one set per call); program nodes carry ``meta["ratebp.aux"]`` (their
+    Statistic) or ``meta["ratebp.output"]``
     (output index). Run as is, the program is the model's training-mode forward without gradients.
     """
     g, aux, bn_updates, leaves, spec = _build(gm)
@@ -157,12 +178,12 @@ def build_spike_graph(gm: fx.GraphModule) -> PassResult:
         item.meta["ratebp.time"] = leaf.meta.get("ratebp.time")
         outs.append(item)
     aux_nodes = {}
-    for j, (name, node) in enumerate(aux, start=len(node_leaves)):
-        item = p.create_node("call_function", operator.getitem, (call, j), name=name)
-        item.meta[AUX] = name
+    for j, (stat, node) in enumerate(aux, start=len(node_leaves)):
+        item = p.create_node("call_function", operator.getitem, (call, j), name=stat.name)
+        item.meta[AUX] = stat
         item.meta["val"] = spike_outputs[j]
-        aux_nodes[name] = item
-    for parts, count, mean_name, var_name in bn_updates:
+        aux_nodes[stat] = item
+    for parts, count, mean, var in bn_updates:
         if parts.module is not None:
             target = p.get_attr(parts.module)
             root[parts.module] = gm.get_submodule(parts.module)
@@ -181,12 +202,13 @@ def build_spike_graph(gm: fx.GraphModule) -> PassResult:
             continue
         momentum = () if parts.module is not None else (parts.momentum,)   # a module's own is read at run time
         update = p.call_function(update_batch_norm_stats,
-                                 (target, aux_nodes[mean_name], aux_nodes[var_name], count, *momentum))
+                                 (target, aux_nodes[mean], aux_nodes[var], count, *momentum))
         update.meta["val"] = None
     it = iter(outs)
     p.output(tree_unflatten([next(it) if isinstance(l, fx.Node) else l for l in leaves], spec))
     program = fx.GraphModule(root, p, class_name="RateBPProgram")
     program.meta.update(gm.meta)
     program.meta[SOURCE] = gm
+    program.meta[STATISTICS] = [stat for stat, _ in aux]
     return PassResult(program, True)
 

@@ -10,7 +10,7 @@ from ..errors import ApproximationWarning, RateBPError, describe_node
 from ..nn.spec import NeuronSpec
 from ..oprules import APPROXIMATE, NEURON, REFUSED, Context, OpClass, classify, op_info
 from .batchnorm_parts import is_batchnorm, uses_batch_statistics
-from .infra import PassResult, postcondition, require
+from .infra import PassResult, at_node, postcondition, require
 
 __all__ = ["classify_ops"]
 
@@ -30,8 +30,9 @@ def classify_ops(gm: fx.GraphModule) -> PassResult:
     - ``exact``: time-local and affine in its temporal operand, or a mean/sum over time;
     - ``approximate``: time-local but not affine (the rate pass applies it to rates); each raises an
       ``ApproximationWarning`` naming the op and the source line;
-    - ``refused``: mixes timesteps or is unknown on temporal tensors; all of them are reported in one
-      ``RateBPError``;
+    - ``refused``: mixes timesteps, is unknown on temporal tensors, or writes in place into an input or a
+      module's state (state kept between calls); all of them are reported in one ``RateBPError``;
+    - ``state``: a BatchNorm's batch counter updated in place (``torch.compile`` graphs): spike pass only;
     - ``static``: no temporal input, evaluated alike in both passes.
 
     Example (T = 2)::
@@ -51,11 +52,12 @@ def classify_ops(gm: fx.GraphModule) -> PassResult:
     for node in gm.graph.nodes:
         if node.op not in ("call_function", "call_method", "call_module"):
             continue
-        if isinstance(node.target, NeuronSpec):
-            cls = OpClass(NEURON, node.target.describe())
-        else:
-            bn_batch = is_batchnorm(node, gm) and uses_batch_statistics(node, gm)
-            cls = classify(node, op_info(node, gm), ctx, bn_batch)
+        with at_node("classify_ops", node, gm):
+            if isinstance(node.target, NeuronSpec):
+                cls = OpClass(NEURON, node.target.describe())
+            else:
+                bn_batch = is_batchnorm(node, gm) and uses_batch_statistics(node, gm)
+                cls = classify(node, op_info(node, gm), ctx, bn_batch)
         node.meta["ratebp.class"] = cls
         if cls.kind == REFUSED:
             refused.append(f"  {describe_node(node, gm)}: {cls.reason}")
@@ -64,8 +66,9 @@ def classify_ops(gm: fx.GraphModule) -> PassResult:
             warnings.warn(f"rate-based backprop approximates {describe_node(node, gm)}: {cls.reason}",
                           ApproximationWarning, stacklevel=2)
     if refused:
-        raise RateBPError("classify_ops: these ops mix timesteps or are not supported on temporal tensors, so "
-                          "rate-based backprop cannot train this model:\n" + "\n".join(refused))
+        raise RateBPError("classify_ops: rate-based backprop cannot train this model; these ops mix timesteps, are "
+                          "not supported on temporal tensors, or write into inputs or module state:\n" +
+                          "\n".join(refused))
     gm.meta["ratebp.approximations"] = approximations
     return PassResult(gm, False)
 

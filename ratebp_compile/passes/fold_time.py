@@ -11,13 +11,14 @@ from networkx.algorithms.isomorphism import DiGraphMatcher
 
 from ..errors import RateBPError, describe_node
 from ..graph_ops import per_step_batch_norm
+from ..hooks import ModuleHooks
 from ..kernels.lif import op_arguments, spec_from_op_args
 from ..kernels.lif_cell import final_membrane
 from ..nn.neuron import _Cell
-from ..oprules import op_info
+from ..oprules import is_module_state, op_info
 from ..oprules.layout import op_dims
 from .batchnorm_parts import is_batchnorm
-from .infra import PassResult, copy_meta, is_module_state, postcondition, require
+from .infra import PassResult, copy_meta, postcondition, require
 
 __all__ = ["fold_time"]
 
@@ -413,6 +414,11 @@ def fold_time(gm: fx.GraphModule) -> PassResult:
     """
     if not _cells(gm):
         return PassResult(gm, False)
+    hooked = [n for n in gm.graph.nodes if isinstance(n.target, ModuleHooks)]
+    if hooked:
+        raise RateBPError(f"fold_time: forward hooks in a single-step model ({hooked[0].target.describe()}) are not "
+                          f"supported: the loop's T calls become one multi-step call, so a hook would no longer see "
+                          f"one step per call. Remove the hooks while training, or write the model multi-step.")
     folder = _Folder(gm)
     folder.assign_steps()
     graph = folder.fold(folder.match_bodies()) if folder.T > 1 else folder.fold_one_step()

@@ -1,7 +1,7 @@
 """infer_time_layout: which tensors are temporal, and where their time axis is."""
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, Optional
 
 import torch.fx as fx
 
@@ -9,22 +9,12 @@ from ..errors import RateBPError, describe_node
 from ..nn.spec import NeuronSpec
 from ..oprules import Context, op_info, output_layout
 from ..time_layout import Layout, TimeLayout
-from .infra import PassResult, postcondition, require, tensor_val
+from .infra import PassResult, at_node, postcondition, require, tensor_val
 
-__all__ = ["infer_time_layout", "INPUT_LAYOUTS", "input_layouts"]
+__all__ = ["infer_time_layout", "INPUT_LAYOUTS"]
 
 # gm.meta["ratebp.input_layouts"]: one entry per placeholder, in order.
 INPUT_LAYOUTS = {"TB": TimeLayout(0, False), "T*B": TimeLayout(0, True), "static": None, None: None}
-
-
-def input_layouts(layout: Union[str, Sequence[str]], n: int) -> List[str]:
-    """The ``input_layout`` option as one layout per input (one name for all, or a list), checked."""
-    layouts = [layout] * n if isinstance(layout, str) else list(layout)
-    for lay in layouts:
-        if lay is None or lay not in INPUT_LAYOUTS:
-            raise RateBPError(f"input layout must be 'TB', 'T*B' or 'static' (input_layout: one for all inputs, "
-                              f"or a list), got {lay!r}")
-    return layouts
 
 
 def _neuron_T(node: fx.Node) -> Optional[int]:
@@ -55,6 +45,17 @@ def _find_T(gm: fx.GraphModule, placeholders, input_layouts) -> int:
         detail = "; ".join(f"T={T} from {where}" for T, where in seen.items())
         raise RateBPError(f"infer_time_layout: inconsistent number of timesteps: {detail}")
     return next(iter(seen))
+
+
+def _fits(got: Layout, expected: TimeLayout, x, T: int) -> bool:
+    """Whether a neuron's input with layout ``got`` has the memory layout the neuron expects: the same layout;
+    or, with one sample (B = 1), ``[T·1, ...]`` for ``[T, ...]`` and the reverse; or, with T = 1, a static
+    tensor of one step."""
+    if got == expected:
+        return True
+    if isinstance(got, TimeLayout):
+        return got.axis == 0 and x is not None and x.shape[0] == T
+    return got is None and T == 1 and x is not None and (expected.merged or x.shape[0] == 1)
 
 
 def _check(gm: fx.GraphModule) -> None:
@@ -114,7 +115,7 @@ def infer_time_layout(gm: fx.GraphModule) -> PassResult:
         elif isinstance(node.target, NeuronSpec):
             expected = TimeLayout(0, node.target.time_steps is not None)
             got = layouts.get(node.args[0])
-            if got != expected:
+            if not _fits(got, expected, tensor_val(node.args[0]), T):
                 what = "a static tensor" if got is None else f"a tensor with time layout {got}" \
                     if isinstance(got, TimeLayout) else f"a tensor that mixes timesteps ({got.reason})"
                 raise RateBPError(
@@ -123,7 +124,8 @@ def infer_time_layout(gm: fx.GraphModule) -> PassResult:
                     f"{what}. Check which inputs are temporal (transform(..., input_layout=...)).")
             lay = expected
         else:
-            lay = output_layout(node, op_info(node, gm), ctx)
+            with at_node("infer_time_layout", node, gm):
+                lay = output_layout(node, op_info(node, gm), ctx)
         layouts[node] = lay
         node.meta["ratebp.time"] = lay
     return PassResult(gm, False)

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Sequence
 
@@ -26,7 +28,7 @@ import torch.fx as fx
 
 from ..errors import RateBPError, describe_node, user_frame
 
-__all__ = ["PassResult", "PassRecord", "run_pipeline", "copy_meta", "PassFn"]
+__all__ = ["PassResult", "PassRecord", "run_pipeline", "copy_meta", "PassFn", "at_node"]
 
 log = logging.getLogger(__name__)
 
@@ -71,12 +73,19 @@ def copy_meta(new: fx.Node, old: fx.Node, pass_name: str, val=None) -> fx.Node:
 
 def run_pipeline(gm: fx.GraphModule, pipeline: Sequence[PassFn], history: Optional[List[PassRecord]] = None
                  ) -> fx.GraphModule:
-    """Run ``pipeline`` on ``gm``; append one :class:`PassRecord` per pass to ``history``."""
+    """Run ``pipeline`` on ``gm``; append one :class:`PassRecord` per pass to ``history``. A pass that fails
+    with anything but a :class:`RateBPError` (a bug: an invariant it relied on did not hold) raises one that
+    names the pass — and the node, where the pass said which it was working on (:func:`at_node`)."""
     dump_dir = os.environ.get(DUMP_ENV)
     for pass_fn in pipeline:
         name = pass_fn.__name__
         start = time.perf_counter()
-        result = pass_fn(gm)
+        try:
+            result = pass_fn(gm)
+        except RateBPError:
+            raise
+        except Exception as e:
+            raise RateBPError(f"internal error in pass {name}: {type(e).__name__}: {e}") from e
         seconds = time.perf_counter() - start
         if not isinstance(result, PassResult):
             raise TypeError(f"pass {name} returned {type(result).__name__}, not PassResult")
@@ -97,6 +106,19 @@ def run_pipeline(gm: fx.GraphModule, pipeline: Sequence[PassFn], history: Option
             with open(os.path.join(dump_dir, f"{index:02d}_{name}.py"), "w") as f:
                 f.write(gm.code)
     return gm
+
+
+@contextmanager
+def at_node(pass_name: str, node: fx.Node, gm: Optional[fx.GraphModule] = None):
+    """Wrap a pass's work on one node: an unexpected exception becomes a :class:`RateBPError` naming the
+    pass, the node and the user's source line (a :class:`RateBPError` passes through)."""
+    try:
+        yield
+    except RateBPError:
+        raise
+    except Exception as e:
+        raise RateBPError(f"internal error in pass {pass_name} at {describe_node(node, gm)}: "
+                          f"{type(e).__name__}: {e}") from e
 
 
 def postcondition(check: Callable[[fx.GraphModule], None]):
@@ -126,17 +148,24 @@ def check_values(gm: fx.GraphModule, pass_name: str) -> None:
         require("val" in node.meta, pass_name, node, "no meta['val']", gm)
 
 
+def identifier(path: str) -> str:
+    """A module path or node name as a Python identifier (``layers.0.sn`` → ``layers_0_sn``)."""
+    return re.sub(r"\W", "_", path)
+
+
+def unique_name(name: str, taken) -> str:
+    """``name``, or ``name_1``, ``name_2``, ... — the first not in ``taken``."""
+    candidate, i = name, 0
+    while candidate in taken:
+        i += 1
+        candidate = f"{name}_{i}"
+    return candidate
+
+
 def getattr_path(obj, path: str):
     for part in path.split("."):
         obj = getattr(obj, part)
     return obj
-
-
-def is_module_state(placeholder: fx.Node) -> bool:
-    """A placeholder holding a parameter or buffer: Dynamo lifts module state to graph inputs and marks
-    it as static input (``transform``'s graphs reach module state through get_attr instead)."""
-    return placeholder.op == "placeholder" and \
-        bool((placeholder.meta.get("tensor_dict") or {}).get("_dynamo_static_input_type"))
 
 
 def snapshot(gm: fx.GraphModule) -> fx.GraphModule:

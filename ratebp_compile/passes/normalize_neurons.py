@@ -11,7 +11,7 @@ from .. import kernels
 from ..errors import RateBPError, describe_node
 from ..nn.neuron import _Cell
 from ..nn.spec import NeuronSpec, neuron_spec
-from .infra import PassResult, copy_meta, postcondition, require
+from .infra import PassResult, at_node, copy_meta, postcondition, require
 
 __all__ = ["normalize_neurons"]
 
@@ -64,6 +64,36 @@ def _normalize_op_form(gm: fx.GraphModule, node: fx.Node) -> None:
     gm.graph.erase_node(node)
 
 
+def _normalize(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Replace ``node`` by its neuron's spec call if it is a neuron; whether it was."""
+    if node.op == "call_function" and node.target in _op_forms():
+        _normalize_op_form(gm, node)
+        return True
+    if node.op != "call_module":
+        return False
+    module = gm.get_submodule(node.target)
+    if isinstance(module, _Cell):
+        return False                  # single-step neurons: fold_time folds them with their loop
+    spec = neuron_spec(module)
+    if spec is None:
+        return False
+    if len(node.args) != 1 or node.kwargs:
+        raise RateBPError(f"normalize_neurons: {describe_node(node, gm)} is called with "
+                          f"{len(node.args)} positional and {len(node.kwargs)} keyword arguments; a neuron "
+                          f"takes exactly one input tensor")
+    with gm.graph.inserting_before(node):
+        params = [gm.graph.get_attr(f"{node.target}.{name}") for name in spec.param_names]
+        new = gm.graph.call_function(spec, (node.args[0], *params))
+    for p, name in zip(params, spec.param_names):
+        copy_meta(p, node, "normalize_neurons", getattr(module, name))
+    copy_meta(new, node, "normalize_neurons", node.meta.get("val"))
+    new.meta["ratebp.neuron"] = spec
+    new.meta["ratebp.module"] = node.target
+    node.replace_all_uses_with(new)
+    gm.graph.erase_node(node)
+    return True
+
+
 @postcondition(_check)
 def normalize_neurons(gm: fx.GraphModule) -> PassResult:
     """Replace each neuron ``call_module`` by a ``call_function`` of its :class:`NeuronSpec`.
@@ -95,33 +125,8 @@ def normalize_neurons(gm: fx.GraphModule) -> PassResult:
     """
     modified = False
     for node in list(gm.graph.nodes):
-        if node.op == "call_function" and node.target in _op_forms():
-            _normalize_op_form(gm, node)
-            modified = True
-            continue
-        if node.op != "call_module":
-            continue
-        module = gm.get_submodule(node.target)
-        if isinstance(module, _Cell):
-            continue                  # single-step neurons: fold_time folds them with their loop
-        spec = neuron_spec(module)
-        if spec is None:
-            continue
-        if len(node.args) != 1 or node.kwargs:
-            raise RateBPError(f"normalize_neurons: {describe_node(node, gm)} is called with "
-                              f"{len(node.args)} positional and {len(node.kwargs)} keyword arguments; a neuron "
-                              f"takes exactly one input tensor")
-        with gm.graph.inserting_before(node):
-            params = [gm.graph.get_attr(f"{node.target}.{name}") for name in spec.param_names]
-            new = gm.graph.call_function(spec, (node.args[0], *params))
-        for p, name in zip(params, spec.param_names):
-            copy_meta(p, node, "normalize_neurons", getattr(module, name))
-        copy_meta(new, node, "normalize_neurons", node.meta.get("val"))
-        new.meta["ratebp.neuron"] = spec
-        new.meta["ratebp.module"] = node.target
-        node.replace_all_uses_with(new)
-        gm.graph.erase_node(node)
-        modified = True
+        with at_node("normalize_neurons", node, gm):
+            modified = _normalize(gm, node) or modified
     if modified:
         gm.recompile()
     return PassResult(gm, modified)

@@ -17,8 +17,8 @@ from ..oprules import APPROXIMATE, op_info
 from ..oprules.table import is_inplace_method
 from ..stream import StageInput, StreamStage, chunk_bounds
 from ..time_layout import TimeLayout, is_temporal, rate_shape
-from .build_spike_graph import _ident
-from .infra import PassResult, check_values, copy_meta, getattr_path, postcondition, require, tensor_val
+from .infra import (PassResult, check_values, copy_meta, getattr_path, identifier, postcondition, require, tensor_val,
+                    unique_name)
 from .retime import is_constant, retimed_shape_op, retimed_value, retimes
 
 __all__ = ["stream_time", "TIME_CHUNK", "STREAMED"]
@@ -384,9 +384,10 @@ def _build(spike: fx.GraphModule, T: int, chunk: int) -> fx.GraphModule:
             builder = _StageBuilder(spike, planner, node, T, bounds, stored_dtype)
             stage = builder.build()
             if builder.neuron:
-                name = "stream_" + _ident(node.meta.get("ratebp.module") or node.name)
+                name = "stream_" + identifier(node.meta.get("ratebp.module") or node.name)
             else:          # a stored BatchNorm output is named after the BatchNorm
                 name = "stream_" + (node.args[0].name if _is_getitem_of(node, _batchnorm) else node.name)
+            name = unique_name(name, root)          # a neuron module called twice has two stages
             root[name] = stage
             params = list(node.args[1:]) if builder.neuron else []
             call = g.call_module(name, tuple(env[a] for a in builder.leaves) + tuple(env[p] for p in params))

@@ -72,7 +72,7 @@ def test_compile_fullgraph_of_the_spike_graph():
     x = _x(2, 2, 3, 32, 32)
     out = tm(x)
     F.cross_entropy(out.mean(0), torch.tensor([0, 2], device=DEVICE)).backward()
-    spike = tm.compiled.program.spike
+    spike = tm.compiled.step.spike
     assert any(getattr(n.target, "fused", False) for n in spike.graph.nodes)
     compiled = torch.compile(spike, fullgraph=True, backend="aot_eager")
     with torch.no_grad():

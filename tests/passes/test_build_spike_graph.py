@@ -31,7 +31,11 @@ def test_structure_numerics_and_fired():
     assert without_grad in program_targets
     assert program_targets.index(update_batch_norm_stats) > program_targets.index(without_grad)
     aux = [n.meta["ratebp.aux"] for n in program.graph.nodes if "ratebp.aux" in n.meta]
-    assert aux == ["bn_mean_bn", "bn_var_bn", "r_sn", "e_sn"]
+    assert [(s.name, s.role, s.owner) for s in aux] == [("bn_mean_bn", "mean", "bn"), ("bn_var_bn", "var", "bn"),
+                                                        ("r_sn", "r", "sn"), ("e_sn", "e", "sn")]
+    assert program.meta["ratebp.statistics"] == aux and [n.name for n in program.graph.nodes
+                                                         if "ratebp.aux" in n.meta] == [s.name for s in aux]
+    assert aux[0].node.target == "bn" and aux[2].node.meta["ratebp.module"] == "sn"     # the source nodes
 
     out = program(x)
     expected = reference(x)                     # plain train-mode forward: also updates its BN stats

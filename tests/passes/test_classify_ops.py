@@ -113,3 +113,23 @@ def test_all_refusals_are_reported_together():
     with pytest.raises(rc.RateBPError) as info:
         prepare(Two(), [torch.rand(3, 2, 4)], "classify_ops")
     assert "getitem" in str(info.value) and "cumsum" in str(info.value)
+
+
+class Square(nn.Module):
+    """The same temporal tensor twice in a product: still a product of two temporal tensors."""
+
+    def __init__(self):
+        super().__init__()
+        self.sn = LIF()
+
+    def forward(self, x):
+        s = self.sn(x)
+        return s * s
+
+
+def test_a_product_of_a_temporal_tensor_with_itself_is_approximate():
+    with pytest.warns(rc.ApproximationWarning, match=r"function 'mul' at .*test_classify_ops\.py:\d+ in forward: "
+                                                     r"return s \* s: product of two temporal tensors"):
+        gm, _ = prepare(Square(), [torch.rand(3, 2, 4)], "classify_ops")
+    (mul,) = [n for n in gm.graph.nodes if n.name == "mul"]
+    assert mul.meta["ratebp.class"].kind == "approximate"

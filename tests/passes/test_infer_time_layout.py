@@ -1,4 +1,6 @@
 """infer_time_layout: static / time at axis k / merged T·B, per node; T from neurons and inputs."""
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -88,3 +90,49 @@ def test_inconsistent_T_is_an_error():
 def test_model_without_neurons_is_an_error():
     with pytest.raises(rc.RateBPError, match="no spiking neurons"):
         prepare(nn.Linear(3, 3), [torch.randn(2, 2, 3)], "infer_time_layout")
+
+
+class Merged(nn.Module):
+    """A [T, B, ...] input flattened for a neuron told T: with B = 1, [T·1, ...] has the shape of [T, ...]."""
+
+    def __init__(self, T):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+        self.sn = LIF(time_steps=T)
+
+    def forward(self, x):
+        return self.sn(self.fc(x.flatten(0, 1)))
+
+
+@pytest.mark.parametrize("B", [2, 1])
+def test_one_sample_is_not_mistaken_for_time(B):
+    gm, _ = prepare(Merged(3), [torch.rand(3, B, 4)], "infer_time_layout")
+    assert gm.meta["ratebp.T"] == 3
+    lif = next(n for n in gm.graph.nodes if isinstance(n.target, rc.nn.NeuronSpec))
+    assert lif.meta["ratebp.time"] == M
+    rc.transform(Merged(3))(torch.rand(3, B, 4)).sum().backward()
+
+
+class RepeatedStatic(nn.Module):
+    def __init__(self, T):
+        super().__init__()
+        self.T = T
+        self.fc = nn.Linear(4, 3)
+        self.sn = LIF()
+
+    def forward(self, img):
+        return self.sn(self.fc(img).unsqueeze(0).repeat(self.T, 1, 1))
+
+
+@pytest.mark.parametrize("T", [2, 1])
+def test_a_static_input_repeated_over_one_step(T):
+    model = RepeatedStatic(T)
+    gm, _ = prepare(model, [torch.rand(2, 4)], "infer_time_layout", input_layouts=["static"])
+    assert gm.meta["ratebp.T"] == T
+    bptt = copy.deepcopy(model)
+    img = torch.rand(2, 4) * 3
+    rc.transform(model, input_layout="static")(img).sum().backward()
+    bptt(img).sum().backward()
+    if T == 1:                                     # one step: rate-based gradients are BPTT's
+        for p, q in zip(model.parameters(), bptt.parameters()):
+            torch.testing.assert_close(p.grad, q.grad)

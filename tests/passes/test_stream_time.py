@@ -36,7 +36,7 @@ def _assert_same_step(model, x, chunk=2, **kw):
     """The step with the spike pass streamed equals the unstreamed step (float64: to rounding)."""
     ref = _step(copy.deepcopy(model), x, None, **kw)
     got = _step(model, x, chunk, **kw)
-    program = got[3].compiled.program
+    program = got[3].compiled.step
     assert _stages(program), program.meta["ratebp.streamed"]
     torch.testing.assert_close(got[0], ref[0], rtol=1e-10, atol=1e-12)
     assert got[1].keys() == ref[1].keys()
@@ -184,7 +184,7 @@ def test_dropout_draws_once_per_element():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")         # dropout's approximation warning
         tm(torch.rand(5, 3, 4)).sum().backward()
-    stages = _stages(tm.compiled.program)
+    stages = _stages(tm.compiled.step)
     dropout = [m for m in stages.values() if any(isinstance(d, nn.Dropout) for d in m.value_graphs["2"].modules())]
     assert len(dropout) == 1 and dropout[0].neuron is None      # computed by a stage of its own, stored whole
 
@@ -206,8 +206,8 @@ def test_graphs_it_cannot_stream_run_unstreamed_with_a_warning():
     x = torch.rand(5, 3, 4, dtype=torch.float64)
     with pytest.warns(UserWarning, match="runs all 5 steps at once.*is not used"):
         out, grads, _, tm = _step(model, x, 2)
-    assert not _stages(tm.compiled.program)
-    assert "is not used" in tm.compiled.program.meta["ratebp.streamed"]
+    assert not _stages(tm.compiled.step)
+    assert "is not used" in tm.compiled.step.meta["ratebp.streamed"]
     ref = _step(copy.deepcopy(model), x, None)
     torch.testing.assert_close(out, ref[0])
 
