@@ -15,24 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
+from timing import median_seconds
 
 import ratebp_compile as rc
 from ratebp_compile import models
-
-
-def _median_seconds(fn, reps: int) -> float:
-    fn()
-    samples = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
 
 
 def main() -> None:
@@ -61,9 +50,9 @@ def main() -> None:
 
     step()                                        # compiles
     program = tm.compiled
-    step_s = _median_seconds(step, args.steps)
-    lookup_s = _median_seconds(lambda: tm.compile_for(x), args.lookups)
-    guards_s = _median_seconds(program.guards.check, args.lookups)
+    step_s = median_seconds(step, args.steps)
+    lookup_s = median_seconds(lambda: tm.compile_for(x), args.lookups)
+    guards_s = median_seconds(program.guards.check, args.lookups)
     assert tm.compiled is program and len(tm.programs) == 1, "the program was compiled again while timing"
     guards = program.guards
     figures = {

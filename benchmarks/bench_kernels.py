@@ -18,10 +18,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import torch
+from timing import median_seconds
 
 from ratebp_compile.nn import Sigmoid
 from ratebp_compile.nn import functional as RF
@@ -38,13 +37,7 @@ def _time(fn, device, reps):
     if device == "cuda":
         import triton.testing
         return triton.testing.do_bench(fn, warmup=5, rep=max(reps * 5, 50), return_mode="median") * 1e-3
-    fn()
-    samples = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
+    return median_seconds(fn, reps)
 
 
 def nominal_bandwidth():
