@@ -32,13 +32,14 @@ _STYLE = {
     "exact": ("#ffffff", "black", 1.0),
     "static": ("#e9ecef", "#495057", 0.5),
     "state": ("#e9ecef", "#495057", 0.5),
+    "hook": ("#ffe8a3", "black", 1.0),
     "io": ("#a8dadc", "black", 1.5),
     "": ("#ffffff", "black", 1.0),
 }
 
 
 def node_kind(node: fx.Node) -> str:
-    """neuron / batchnorm / exact / approximate / refused / static / state / io, or "" if unknown."""
+    """neuron / batchnorm / exact / approximate / refused / static / state / hook / io, or "" if unknown."""
     if node.op in ("placeholder", "output"):
         return "io"
     if isinstance(node.target, NeuronSpec) or node.target is rate_neuron or \
@@ -114,7 +115,7 @@ def _escape(text: str) -> str:
 
 _LEGEND = (("neuron", "neuron"), ("batchnorm", "BatchNorm over time·batch"), ("exact", "exact"),
            ("approximate", "approximated"), ("refused", "refused"), ("static", "static / shapes"),
-           ("io", "input / output"))
+           ("hook", "the user's forward hooks"), ("io", "input / output"))
 
 
 def _legend(title: str) -> str:

@@ -86,6 +86,8 @@ def test_hook_nodes_are_in_the_spike_graph_and_not_in_the_rate_graph():
                                                           ("fc", "post"), ("fc", "pre")]
     assert not any(isinstance(n.target, ModuleHooks) for n in program.rate.graph.nodes)
     assert "forward_hooks" in program.spike.code
+    assert [n.meta["ratebp.class"].kind for n in program.source.graph.nodes if isinstance(n.target, ModuleHooks)] \
+        == ["hook"] * 4
 
 
 def test_no_hook_runs_at_capture_or_on_fake_tensors():

@@ -1,9 +1,9 @@
 """What every op does to time: its family (``table``), its time layout rule (``layout``) and its class
 under rate-based backprop (``classify``).
 """
-from .classify import APPROXIMATE, BATCHNORM, EXACT, NEURON, REFUSED, STATE, STATIC, OpClass, classify
+from .classify import APPROXIMATE, BATCHNORM, EXACT, HOOK, NEURON, REFUSED, STATE, STATIC, OpClass, classify
 from .layout import Context, arg, is_module_state, output_layout
 from .table import OpInfo, op_info
 
 __all__ = ["OpInfo", "OpClass", "op_info", "output_layout", "classify", "Context", "arg", "is_module_state", "EXACT",
-           "APPROXIMATE", "REFUSED", "STATIC", "NEURON", "BATCHNORM", "STATE"]
+           "APPROXIMATE", "REFUSED", "STATIC", "NEURON", "BATCHNORM", "STATE", "HOOK"]

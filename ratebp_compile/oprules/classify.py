@@ -23,13 +23,15 @@ from ..time_layout import Mixed, TimeLayout, is_temporal
 from .layout import Context, _module, _norm_dims, _shape, _temporal_inputs, _val, arg, holds_tensors, is_module_state
 from .table import OpInfo, is_inplace_method, op_info
 
-__all__ = ["OpClass", "classify", "EXACT", "APPROXIMATE", "REFUSED", "STATIC", "NEURON", "BATCHNORM", "STATE"]
+__all__ = ["OpClass", "classify", "EXACT", "APPROXIMATE", "REFUSED", "STATIC", "NEURON", "BATCHNORM", "STATE",
+           "HOOK"]
 
 
 # The classes of an op under rate-based backprop (meta["ratebp.class"].kind). STATE: an in-place
-# update of a buffer (a BatchNorm's batch counter in a torch.compile graph): spike pass only.
-EXACT, APPROXIMATE, REFUSED, STATIC, NEURON, BATCHNORM, STATE = \
-    "exact", "approximate", "refused", "static", "neuron", "batchnorm", "state"
+# update of a buffer (a BatchNorm's batch counter in a torch.compile graph): spike pass only. HOOK: a
+# module's forward hooks (ratebp_compile.hooks): spike pass only.
+EXACT, APPROXIMATE, REFUSED, STATIC, NEURON, BATCHNORM, STATE, HOOK = \
+    "exact", "approximate", "refused", "static", "neuron", "batchnorm", "state", "hook"
 
 
 @dataclass(frozen=True)

@@ -7,8 +7,9 @@ from typing import List
 import torch.fx as fx
 
 from ..errors import ApproximationWarning, RateBPError, describe_node
+from ..hooks import ModuleHooks
 from ..nn.spec import NeuronSpec
-from ..oprules import APPROXIMATE, NEURON, REFUSED, Context, OpClass, classify, op_info
+from ..oprules import APPROXIMATE, HOOK, NEURON, REFUSED, Context, OpClass, classify, op_info
 from .batchnorm_parts import is_batchnorm, uses_batch_statistics
 from .infra import PassResult, at_node, postcondition, require
 
@@ -33,6 +34,7 @@ def classify_ops(gm: fx.GraphModule) -> PassResult:
     - ``refused``: mixes timesteps, is unknown on temporal tensors, or writes in place into an input or a
       module's state (state kept between calls); all of them are reported in one ``RateBPError``;
     - ``state``: a BatchNorm's batch counter updated in place (``torch.compile`` graphs): spike pass only;
+    - ``hook``: a module's forward hooks (``ratebp_compile.hooks``): spike pass only;
     - ``static``: no temporal input, evaluated alike in both passes.
 
     Example (T = 2)::
@@ -55,6 +57,8 @@ def classify_ops(gm: fx.GraphModule) -> PassResult:
         with at_node("classify_ops", node, gm):
             if isinstance(node.target, NeuronSpec):
                 cls = OpClass(NEURON, node.target.describe())
+            elif isinstance(node.target, ModuleHooks):
+                cls = OpClass(HOOK, node.target.describe())
             else:
                 bn_batch = is_batchnorm(node, gm) and uses_batch_statistics(node, gm)
                 cls = classify(node, op_info(node, gm), ctx, bn_batch)
