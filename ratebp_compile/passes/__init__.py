@@ -10,9 +10,9 @@ from .classify_ops import classify_ops
 from .fold_time import fold_time
 from .fuse_lif import fuse_lif
 from .infer_time_layout import infer_time_layout
-from .infra import PassRecord, PassResult, run_pipeline, snapshot
+from .infra import PassRecord, PassResult, run_pipeline
 from .normalize_neurons import normalize_neurons
-from .stream_time import TIME_CHUNK, stream_time
+from .stream_time import stream_time
 
 __all__ = ["PIPELINE", "BPTT_PIPELINE", "PassResult", "PassRecord", "run_pipeline", "normalize_neurons",
            "fold_time", "infer_time_layout", "classify_ops", "build_spike_graph", "build_rate_graph", "fuse_lif",

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Dict, Optional
 
+import torch
 import torch.fx as fx
 
 from ..errors import RateBPError, describe_node
@@ -45,6 +46,18 @@ def _find_T(gm: fx.GraphModule, placeholders, input_layouts) -> int:
         detail = "; ".join(f"T={T} from {where}" for T, where in seen.items())
         raise RateBPError(f"infer_time_layout: inconsistent number of timesteps: {detail}")
     return next(iter(seen))
+
+
+def _canonical(layout: Layout, val, T: int) -> Layout:
+    """One name for one memory layout: time merged into a dimension of size T (one sample, B = 1) is that
+    dimension holding the T steps, ``TimeLayout(axis)``; so ``[T·1, ...]`` and ``[T, ...]`` compare equal."""
+    if isinstance(layout, tuple):
+        vals = val if isinstance(val, (tuple, list)) else (None,) * len(layout)
+        return tuple(_canonical(l, v, T) for l, v in zip(layout, vals))
+    if isinstance(layout, TimeLayout) and layout.merged and isinstance(val, torch.Tensor) and \
+            val.shape[layout.axis] == T:
+        return TimeLayout(layout.axis)
+    return layout
 
 
 def _fits(got: Layout, expected: TimeLayout, x, T: int) -> bool:
@@ -126,6 +139,7 @@ def infer_time_layout(gm: fx.GraphModule) -> PassResult:
         else:
             with at_node("infer_time_layout", node, gm):
                 lay = output_layout(node, op_info(node, gm), ctx)
+        lay = _canonical(lay, node.meta.get("val"), T)
         layouts[node] = lay
         node.meta["ratebp.time"] = lay
     return PassResult(gm, False)

@@ -76,11 +76,12 @@ class _Planner:
             return "neuron"
         if _is_getitem_of(node, _neuron):
             return "neuron_out"
-        if _batchnorm(node):
+        temporal = is_temporal(node.meta.get("ratebp.time"))
+        if _batchnorm(node) and is_temporal(node.args[0].meta.get("ratebp.time")):
             return "stream"
-        if _is_getitem_of(node, _batchnorm):
+        if _is_getitem_of(node, _batchnorm) and is_temporal(node.args[0].args[0].meta.get("ratebp.time")):
             return "stream" if node.args[1] == 0 else "bn_stat"
-        return "stream" if is_temporal(node.meta.get("ratebp.time")) else "static"
+        return "stream" if temporal else "static"      # a BatchNorm of a static tensor included
 
     def _free(self, node: fx.Node) -> bool:
         info = op_info(node, self.spike)
@@ -142,7 +143,8 @@ class _Planner:
             else:
                 self._store_whole(last, "is used by several neurons")
         for node in self.nodes:
-            if _batchnorm(node) and not any(node in cone for cone in self.cones.values()):
+            unused = not any(node in cone for cone in self.cones.values())
+            if _batchnorm(node) and self.kind[node] == "stream" and unused:
                 raise _CannotStream(f"the output of {describe_node(node, self.spike)} is not used")
         for cone in self.cones.values():
             for node in cone:

@@ -109,7 +109,7 @@ def test_one_sample_is_not_mistaken_for_time(B):
     gm, _ = prepare(Merged(3), [torch.rand(3, B, 4)], "infer_time_layout")
     assert gm.meta["ratebp.T"] == 3
     lif = next(n for n in gm.graph.nodes if isinstance(n.target, rc.nn.NeuronSpec))
-    assert lif.meta["ratebp.time"] == M
+    assert lif.meta["ratebp.time"] == (M if B > 1 else S)       # [T·1, ...] is [T, ...]: one layout
     rc.transform(Merged(3))(torch.rand(3, B, 4)).sum().backward()
 
 
@@ -136,3 +136,26 @@ def test_a_static_input_repeated_over_one_step(T):
     if T == 1:                                     # one step: rate-based gradients are BPTT's
         for p, q in zip(model.parameters(), bptt.parameters()):
             torch.testing.assert_close(p.grad, q.grad)
+
+
+class JoinedWithItsInput(nn.Module):
+    """A static input repeated to [T·B, F] and added to the spikes computed from it: with B = 1, [T·1, F] has
+    the shape of [T, F], and both must get the same layout."""
+
+    def __init__(self, T):
+        super().__init__()
+        self.T = T
+        self.fc = nn.Linear(3, 3)
+        self.sn1, self.sn2 = LIF(time_steps=T), LIF(time_steps=T)
+
+    def forward(self, img):
+        x = img.repeat(self.T, 1)
+        return self.sn2(self.sn1(self.fc(x)) + x)
+
+
+@pytest.mark.parametrize("B", [2, 1])
+def test_a_merged_dimension_of_one_sample_is_the_time_dimension(B):
+    gm, _ = prepare(JoinedWithItsInput(3), [torch.rand(B, 3)], "infer_time_layout", input_layouts=["static"])
+    add = next(n for n in gm.graph.nodes if n.name == "add")
+    assert add.meta["ratebp.time"] == (S if B == 1 else M)
+    rc.transform(JoinedWithItsInput(3), input_layout="static")(torch.rand(B, 3)).sum().backward()

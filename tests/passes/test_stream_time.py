@@ -10,7 +10,7 @@ from torch import nn
 
 import ratebp_compile as rc
 from ratebp_compile import models
-from ratebp_compile.graph_ops import chunk_batch_norm, chunk_batch_norm_
+from ratebp_compile.graph_ops import chunk_batch_norm, chunk_batch_norm_, spike_batch_norm
 from ratebp_compile.nn import LIF, Neuron, NeuronSpec, ParametricLIF, Sigmoid, spike
 from ratebp_compile.passes import stream_time
 from ratebp_compile.stream import StreamStage
@@ -263,3 +263,25 @@ def test_chunk_batch_norm_in_place_equals_out_of_place():
     torch.testing.assert_close(y, ref)
     torch.testing.assert_close(chunk_batch_norm_(x.clone(), None, None, mean, var, 1e-5),
                                chunk_batch_norm(x, None, None, mean, var, 1e-5))
+
+
+class _StaticBN(nn.Module):
+    """A BatchNorm of the static input, before the input is repeated over T: computed once, outside the
+    stages."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm1d(3)
+        self.fc = nn.Linear(3, 2)
+        self.sn = LIF(v_threshold=0.3)
+
+    def forward(self, img):
+        return self.sn(self.fc(self.bn(img).unsqueeze(0).expand(5, -1, -1)))
+
+
+def test_a_batchnorm_of_a_static_input_before_the_repeat():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                     # streamed, not refused to the unstreamed form
+        program = _assert_same_step(_StaticBN().double(), torch.randn(4, 3, dtype=torch.float64),
+                                    input_layout="static")
+    assert [n.target for n in program.spike.graph.nodes].count(spike_batch_norm) == 1    # outside the stages
