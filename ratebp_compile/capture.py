@@ -33,8 +33,9 @@ from typing import Any, Dict, Sequence, Tuple
 
 import torch
 import torch.fx as fx
-from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, unset_fake_temporarily
 from torch.fx._symbolic_trace import _orig_module_getattr
+from torch.nn.utils import parametrize
 
 from .errors import RateBPError, describe_node, user_frame
 from .hooks import ModuleHooks, check_hooks_supported, forward_hooks, hooked_modules, hooks_suspended
@@ -83,6 +84,8 @@ class _SNNTracer(fx.Tracer):
                 f"its membrane state between calls, so its time dynamics are hidden from the compiler. Use "
                 f"ratebp_compile.nn.LIF / IF / ParametricLIF, or describe the class with "
                 f"ratebp_compile.nn.register_neuron({type(m).__name__}, to_spec). Called at {_calling_frame()}")
+        if parametrize.is_parametrized(m) or isinstance(m, parametrize.ParametrizationList):
+            return False             # traced through: its weight is computed from the parametrization
         return super().is_leaf_module(m, qualname)
 
     def call_module(self, m, forward, args, kwargs):
@@ -372,14 +375,14 @@ def propagate_shapes(gm: fx.GraphModule, args: Sequence[Any]) -> None:
 
 @contextmanager
 def _fake_parameters_and_buffers(gm: fx.GraphModule, fake):
-    """Swap every parameter and buffer of every module for a fake copy, and back. Works per module
-    object, so modules reachable by several paths (one module in two graphs) and tied tensors are
-    swapped once and restored exactly."""
+    """Swap every parameter, buffer and plain tensor attribute of every module for a fake copy, and back.
+    Works per module object, so modules reachable by several paths (one module in two graphs) and tied
+    tensors are swapped once and restored exactly."""
     fakes, saved = {}, []
     for m in gm.modules():
-        for store in (m._parameters, m._buffers):
+        for store in (m._parameters, m._buffers, vars(m)):
             for key, value in store.items():
-                if value is not None:
+                if isinstance(value, torch.Tensor) and not isinstance(value, FakeTensor):
                     saved.append((store, key, value))
                     store[key] = fakes.setdefault(id(value), fake(value))
     try:

@@ -60,10 +60,20 @@ class ModuleHooks:
             return                    # shapes being propagated: hooks see real tensors only
         module = self.module
         for hook, with_kwargs in self.hooks:
+            state = dict(vars(module))
             if self.kind == "pre":
                 result = hook(module, args, {}) if with_kwargs else hook(module, args)
             else:
                 result = hook(module, args, {}, output) if with_kwargs else hook(module, args, output)
+            after = vars(module)
+            changed = sorted(k for k in state.keys() | after.keys()
+                             if k not in state or k not in after or after[k] is not state[k])
+            if changed:
+                raise RateBPError(
+                    f"the forward {'pre-' if self.kind == 'pre' else ''}hook {_name(hook)} of module "
+                    f"'{self.path or '<root>'}' ({type(module).__name__}) sets self.{changed[0]}: the compiled step "
+                    f"runs what capture traced, so a module a hook changes would not change the step (the old "
+                    f"torch.nn.utils.weight_norm works so; torch.nn.utils.parametrizations.weight_norm is traced).")
             if result is not None:
                 what, kind = ("input", "pre-hook") if self.kind == "pre" else ("output", "hook")
                 raise RateBPError(

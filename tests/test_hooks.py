@@ -145,3 +145,23 @@ def test_hooks_in_a_single_step_loop_are_refused():
     model.sn.register_forward_hook(lambda *a: None)
     with pytest.raises(rc.RateBPError, match="hooks .* single-step"):
         rc.transform(model)(torch.rand(3, 2, 3))
+
+
+def test_a_hook_that_changes_its_module_is_refused():
+    """The old torch.nn.utils.weight_norm recomputes the weight in a forward pre-hook: the step would keep
+    the weight capture saw."""
+    model = Net()
+    torch.nn.utils.weight_norm(model.fc)
+    with pytest.raises(rc.RateBPError, match=r"forward pre-hook .* of module 'fc' \(Linear\) sets self\.weight"):
+        rc.transform(model)(torch.rand(3, 2, 2, 4, 4))
+
+
+def test_parametrized_weight_norm_is_traced():
+    model = Net()
+    torch.nn.utils.parametrizations.weight_norm(model.fc)
+    plain = copy.deepcopy(model)
+    x = torch.rand(3, 2, 2, 4, 4)
+    out = rc.transform(model)(x)
+    out.sum().backward()
+    torch.testing.assert_close(out.detach(), plain(x))
+    assert model.fc.parametrizations.weight.original0.grad is not None
