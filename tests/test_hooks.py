@@ -10,7 +10,7 @@ from torch import nn
 import ratebp_compile as rc
 from ratebp_compile.hooks import ModuleHooks
 from ratebp_compile.nn import LIF, LIFCell
-from tests.conftest import assert_model_unchanged, snapshot_model
+from tests.conftest import assert_model_unchanged, inputs_unchanged, snapshot_model
 
 
 class Block(nn.Module):
@@ -165,3 +165,20 @@ def test_parametrized_weight_norm_is_traced():
     out.sum().backward()
     torch.testing.assert_close(out.detach(), plain(x))
     assert model.fc.parametrizations.weight.original0.grad is not None
+
+
+def test_hooks_under_the_backend_see_the_spike_pass_once():
+    """Dynamo traces an observing hook into the graph: it runs once per step on the plain model's values."""
+    torch._dynamo.reset()
+    model = Net()
+    plain = copy.deepcopy(model)
+    x = torch.rand(3, 2, 2, 4, 4)
+    expected = _monitor(plain, ["block.sn", "fc"])
+    plain(x)
+    seen = _monitor(model, ["block.sn", "fc"])
+    with inputs_unchanged(x):
+        torch.compile(model, backend="ratebp", options={"compiler": "eager"})(x).sum().backward()
+    torch._dynamo.reset()
+    assert [s[:4] for s in seen] == [e[:4] for e in expected]
+    for (name, kind, *_, got), (*_, want) in zip(seen, expected):
+        torch.testing.assert_close(got, want, msg=f"{name} {kind}")

@@ -37,7 +37,8 @@ class OpInfo:
 _FAMILIES: Dict[str, Dict[str, bool]] = {
     # unary, elementwise, time-local
     "pointwise": {**{n: True for n in (
-        "neg", "negative", "positive", "clone", "contiguous", "float", "double", "half", "bfloat16", "to", "type",
+        "neg", "negative", "positive", "clone", "detach", "contiguous", "float", "double", "half", "bfloat16", "to",
+        "type",
         "type_as", "alias", "identity", "real", "conj")},
         **{n: False for n in (
             "relu", "relu_", "relu6", "sigmoid", "tanh", "gelu", "silu", "mish", "elu", "selu", "celu", "leaky_relu",
