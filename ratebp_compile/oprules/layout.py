@@ -316,6 +316,8 @@ def _cat_layout(node, ctx, info):
     lays = {ctx.layout(t) for t in tensors}
     if None in lays and ctx.T > 1:
         return Mixed(f"{info.name} joins static and temporal tensors")
+    if ctx.T == 1:                    # one step: a static tensor is constant over it, like any temporal one
+        lays.discard(None)
     if len(lays) != 1:
         return Mixed(f"{info.name} joins tensors that keep time in different places")
     (lay,) = lays

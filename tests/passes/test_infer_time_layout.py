@@ -159,3 +159,20 @@ def test_a_merged_dimension_of_one_sample_is_the_time_dimension(B):
     add = next(n for n in gm.graph.nodes if n.name == "add")
     assert add.meta["ratebp.time"] == (S if B == 1 else M)
     rc.transform(JoinedWithItsInput(3), input_layout="static")(torch.rand(B, 3)).sum().backward()
+
+
+def test_one_step_joins_a_static_tensor_with_spikes():
+    """T = 1: a static input (repeated over the one step) concatenated with spikes computed from it."""
+    class Joined(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 3)
+            self.sn = LIF()
+
+        def forward(self, img):
+            x = img.unsqueeze(0).repeat(1, 1, 1)
+            return torch.cat([self.sn(self.fc(x)), x], 2)
+
+    gm, _ = prepare(Joined(), [torch.rand(2, 3)], "infer_time_layout", input_layouts=["static"])
+    cat = next(n for n in gm.graph.nodes if n.name == "cat")
+    assert cat.meta["ratebp.time"] == S
