@@ -30,7 +30,6 @@ __all__ = ["Guards", "neuron_config"]
 
 _MISSING = object()
 _PLAIN = (bool, int, float, complex, str, bytes, type(None), torch.dtype, torch.device, torch.Size)
-_IMMUTABLE = _PLAIN + (tuple, frozenset)
 
 
 def neuron_config(module: nn.Module) -> Optional[NeuronSpec]:
@@ -91,7 +90,7 @@ class Guards:
         # (module, its attributes, spec): the spec is recomputed only when an attribute is another object
         self.neurons = [(m, tuple(vars(m).items()), spec) for m in modules for spec in [neuron_config(m)]
                         if spec is not None]
-        # (module, name, value, frozen value): compared by value unless the same immutable object
+        # (module, name, value, frozen value): compared by value unless the very same plain value
         self.attributes: List[Tuple[nn.Module, str, Any, Any]] = [
             (m, name, getattr(m, name), _frozen(getattr(m, name))) for m, names in reads.items()
             if m in self.paths for name in sorted(names) if hasattr(m, name)]
@@ -113,7 +112,7 @@ class Guards:
                 return f"the neuron '{self.paths[m]}' changed ({spec.describe()} before)"
         for m, name, value, frozen in self.attributes:
             current = getattr(m, name, _MISSING)
-            if (current is not value or not isinstance(value, _IMMUTABLE)) and _frozen(current) != frozen:
+            if (current is not value or not isinstance(value, _PLAIN)) and _frozen(current) != frozen:
                 return f"'{self.paths[m]}.{name}', which the forward reads, changed"
         if hook_state(self.modules) != self.hooks:
             return "a hook was registered or removed"
