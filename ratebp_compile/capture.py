@@ -157,9 +157,10 @@ class _ShapedTracer(_SNNTracer):
     (``node.meta["val"]``), so proxies know their shapes. A module runs with its parameters and buffers
     swapped for fakes; a multi-step neuron's output shapes come from its spec."""
 
-    def __init__(self, example_args: Sequence[Any]):
+    def __init__(self, example_args: Sequence[Any], specs: Dict[torch.nn.Module, NeuronSpec]):
         super().__init__()
         self.example_args = list(example_args)
+        self.specs = specs                   # the neurons' specs, read before tracing (see neuron_specs)
         self.fake_mode = FakeTensorMode()
         self._fakes: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}   # id(real) -> (real, fake)
         self._placeholder_index = 0
@@ -216,7 +217,7 @@ class _ShapedTracer(_SNNTracer):
             if node.op == "call_method":
                 return getattr(args[0], node.target)(*args[1:], **kwargs)
             module = self.root.get_submodule(node.target)
-            spec = None if isinstance(module, _Cell) else neuron_spec(module)
+            spec = self.specs.get(module)
             if spec is not None:
                 return spec.empty_outputs(*args)
             with _fake_parameters_and_buffers(module, self.fake), _numeric_momentum(module), \
@@ -264,7 +265,7 @@ def capture(model: torch.nn.Module, example_args: Sequence[Any]) -> fx.GraphModu
     if not isinstance(model, torch.nn.Module):
         raise RateBPError(f"transform expects an nn.Module, got {type(model).__name__}")
     check_hooks_supported(model)
-    tracer = _ShapedTracer(example_args)
+    tracer = _ShapedTracer(example_args, neuron_specs(model))
     watch = StateWatch(model, lambda m: not _is_neuron_leaf(m), _calling_frame)
     try:
         with _all_training(model), _restored_attributes(model):
@@ -308,13 +309,26 @@ def _add_root_hooks(graph: fx.Graph, model: torch.nn.Module) -> None:
             graph.call_function(post, (tuple(placeholders), output.args[0]))
 
 
+def neuron_specs(model: torch.nn.Module) -> Dict[torch.nn.Module, NeuronSpec]:
+    """The spec of every multi-step neuron of ``model``, by module. Read before tracing or running on fake
+    tensors: a registered neuron's ``to_spec`` may read its tensors (``float(m.beta)``), which must be real."""
+    specs = {}
+    for m in model.modules():
+        spec = None if isinstance(m, _Cell) else neuron_spec(m)
+        if spec is not None:
+            specs[m] = spec
+    return specs
+
+
 class _Propagator(fx.Interpreter):
-    def __init__(self, gm):
+    def __init__(self, gm, specs: Dict[torch.nn.Module, NeuronSpec]):
         super().__init__(gm)
+        self.specs = specs
         self.extra_traceback = False   # our errors already name the node and the user's line
 
     def run_node(self, n: fx.Node) -> Any:
-        spec = _neuron_of(n, self.module)
+        spec = n.target if isinstance(n.target, NeuronSpec) else \
+            self.specs.get(self.module.get_submodule(n.target)) if n.op == "call_module" else None
         try:
             if spec is not None:     # elementwise over [T, ...]: no need to run the time loop
                 args, _ = self.fetch_args_kwargs_from_env(n)
@@ -328,17 +342,6 @@ class _Propagator(fx.Interpreter):
                               f"{type(e).__name__}: {e}") from e
         n.meta["val"] = result
         return result
-
-
-def _neuron_of(n: fx.Node, gm: fx.GraphModule):
-    """The NeuronSpec of a multi-step neuron node (normalized, or still a module call), else None."""
-    if isinstance(n.target, NeuronSpec):
-        return n.target
-    if n.op == "call_module":
-        module = gm.get_submodule(n.target)
-        if not isinstance(module, _Cell):
-            return neuron_spec(module)
-    return None
 
 
 @contextmanager
@@ -369,8 +372,9 @@ def propagate_shapes(gm: fx.GraphModule, args: Sequence[Any]) -> None:
 
     Nothing real is computed and nothing of the model is changed, even when a node fails.
     """
+    specs = neuron_specs(gm)
     with on_fake_tensors(gm) as fake, torch.no_grad():
-        _Propagator(gm).run(*[fake(a) if isinstance(a, torch.Tensor) else a for a in args])
+        _Propagator(gm, specs).run(*[fake(a) if isinstance(a, torch.Tensor) else a for a in args])
 
 
 @contextmanager

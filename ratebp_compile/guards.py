@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .hooks import hook_state, hooked_modules
-from .nn.neuron import _Cell
+from .nn.neuron import LIFFamily, _Cell
 from .nn.spec import NeuronSpec, neuron_spec
 
 __all__ = ["Guards", "neuron_config"]
@@ -87,9 +87,11 @@ class Guards:
                                          (m._buffers, "buffer"))]
         self.tensors = [(m, t, t.dtype, t.device, t.shape) for m in modules
                         for store in (m._parameters, m._buffers) for t in store.values() if t is not None]
-        # (module, its attributes, spec): the spec is recomputed only when an attribute is another object
-        self.neurons = [(m, tuple(vars(m).items()), spec) for m in modules for spec in [neuron_config(m)]
-                        if spec is not None]
+        # (module, its attributes, spec): a LIF-family neuron's spec is a function of its attributes, so it
+        # is recomputed only when one is another object; any other neuron's (a registered class's to_spec
+        # may read tensors) at every check
+        self.neurons = [(m, tuple(vars(m).items()) if isinstance(m, LIFFamily) else None, spec)
+                        for m in modules for spec in [neuron_config(m)] if spec is not None]
         # (module, name, value, frozen value): compared by value unless the very same plain value
         self.attributes: List[Tuple[nn.Module, str, Any, Any]] = [
             (m, name, getattr(m, name), _frozen(getattr(m, name))) for m, names in reads.items()
@@ -107,8 +109,9 @@ class Guards:
                 return f"a parameter or buffer of '{self.paths[m]}' changed dtype, device or shape"
         for m, attributes, spec in self.neurons:
             current = vars(m)
-            if (len(current) != len(attributes) or any(current.get(k) is not v for k, v in attributes)) and \
-                    neuron_config(m) != spec:
+            same = attributes is not None and len(current) == len(attributes) and \
+                all(current.get(k) is v for k, v in attributes)
+            if not same and neuron_config(m) != spec:
                 return f"the neuron '{self.paths[m]}' changed ({spec.describe()} before)"
         for m, name, value, frozen in self.attributes:
             current = getattr(m, name, _MISSING)

@@ -134,3 +134,32 @@ def test_refused_at_capture_with_source_line(model, pattern):
     with pytest.raises(rc.RateBPError, match=re.compile(pattern, re.S)):
         rc.transform(m)(torch.rand(3, 2, 3))
     assert_model_unchanged(m, snap)
+
+
+class _TensorDecayNeuron(nn.Module):
+    """Another library's multi-step LIF keeping its decay in a buffer, as snnTorch's Leaky keeps beta."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("beta", torch.tensor(0.25))
+
+    def forward(self, x):
+        return rc.nn.LIF(decay=float(self.beta))(x)
+
+
+def test_a_registered_neuron_whose_spec_reads_its_tensors():
+    """``to_spec`` runs on the real module, never while tracing or on fake tensors; changing the buffer the
+    spec reads recompiles."""
+    rc.nn.register_neuron(_TensorDecayNeuron, lambda m: rc.nn.NeuronSpec("lif", decay=float(m.beta),
+                                                                        surrogate=rc.nn.Sigmoid(4.0)))
+    model = nn.Sequential(nn.Linear(3, 4), _TensorDecayNeuron(), nn.Linear(4, 2))
+    plain = copy.deepcopy(model)
+    x = torch.rand(4, 2, 3) * 2
+    tm = rc.transform(model)
+    with inputs_unchanged(x):
+        out = tm(x)
+        out.sum().backward()
+    torch.testing.assert_close(out.detach(), plain(x))
+    model[1].beta.fill_(0.75)                        # in place: the spec the guards recompute changes
+    assert "neuron '1' changed" in tm.compiled.guards.check()
+    torch.testing.assert_close(tm(x).detach(), plain[2](rc.nn.LIF(decay=0.75)(plain[0](x))))

@@ -22,7 +22,7 @@ from . import functional as RF
 from .spec import NeuronSpec
 from .surrogate import Sigmoid, Surrogate
 
-__all__ = ["Neuron", "LIF", "IF", "ParametricLIF", "LIFCell", "IFCell", "ParametricLIFCell"]
+__all__ = ["Neuron", "LIFFamily", "LIF", "IF", "ParametricLIF", "LIFCell", "IFCell", "ParametricLIFCell"]
 
 
 def _resolve_decay(tau: Optional[float], decay: Optional[float], default_tau: float = 2.0) -> float:
@@ -93,8 +93,9 @@ class Neuron(nn.Module):
                           param_names=tuple(n for n, p in self.named_parameters() if p.requires_grad))
 
 
-class _LIFBase(Neuron):
-    """Shared arguments and dynamics of LIF, IF and ParametricLIF."""
+class LIFFamily(Neuron):
+    """Shared arguments and dynamics of LIF, IF and ParametricLIF (and their cells): a neuron whose spec is a
+    function of its attributes."""
 
     def __init__(self, decay_input: bool, v_threshold: float, v_reset: Optional[float], detach_reset: bool,
                  surrogate: Surrogate, time_steps: Optional[int]):
@@ -132,7 +133,7 @@ class _LIFBase(Neuron):
         return out + (f", time_steps={self.time_steps}" if self.time_steps else "")
 
 
-class LIF(_LIFBase):
+class LIF(LIFFamily):
     """Leaky integrate-and-fire over ``[T, B, ...]``: h_t = λ·v_{t−1} + c_t, fire at V_th, reset.
 
     Args:
@@ -161,7 +162,7 @@ class LIF(_LIFBase):
         return f"decay={self.decay:g}, decay_input={self.decay_input}, " + super().extra_repr()
 
 
-class IF(_LIFBase):
+class IF(LIFFamily):
     """Integrate-and-fire over ``[T, B, ...]``: h_t = v_{t−1} + c_t (a LIF with λ = 1)."""
 
     def __init__(self, *, v_threshold: float = 1.0, v_reset: Optional[float] = None, detach_reset: bool = True,
@@ -175,7 +176,7 @@ class IF(_LIFBase):
         return NeuronSpec(kind="if", decay=1.0, time_steps=self.time_steps, **self._kwargs())
 
 
-class ParametricLIF(_LIFBase):
+class ParametricLIF(LIFFamily):
     """LIF with a learnable leak (Fang et al., 2021): 1/τ = sigmoid(w), λ = 1 − sigmoid(w).
 
     ``init_tau`` sets w = −log(τ − 1). As in that paper ``decay_input`` defaults to True:
