@@ -147,6 +147,7 @@ def test_hooks_in_a_single_step_loop_are_refused():
         rc.transform(model)(torch.rand(3, 2, 3))
 
 
+@pytest.mark.filterwarnings("ignore:`torch.nn.utils.weight_norm` is deprecated:FutureWarning")
 def test_a_hook_that_changes_its_module_is_refused():
     """The old torch.nn.utils.weight_norm recomputes the weight in a forward pre-hook: the step would keep
     the weight capture saw."""
