@@ -99,9 +99,9 @@ def step_kind(method: str, training: bool, grad_enabled: bool) -> str:
     """Which step a call runs: the compiled ``method`` ("ratebp" or "bptt") in training mode with autograd
     on; otherwise "plain", the user's model as it is (exact inference, nothing compiled).
 
-    ``training`` is the model's mode: ``transform``'s module reads its own flag (set for the whole model by
-    ``train()``/``eval()``); the ``torch.compile`` backend reads the flag of the model's neurons, which
-    ``train()``/``eval()`` set alike. BatchNorms in eval mode inside a training model (frozen statistics)
+    ``training`` is the model's mode: ``transform``'s module reads the user's model's own flag (set by
+    ``train()``/``eval()`` on either of them); the ``torch.compile`` backend reads the flag of the model's
+    neurons, which ``train()``/``eval()`` set alike. BatchNorms in eval mode inside a training model (frozen statistics)
     do not make it an eval step.
     """
     return method if training and grad_enabled else "plain"

@@ -208,7 +208,7 @@ class RateBPModule(nn.Module):
     def forward(self, *args, **kwargs):
         if torch.compiler.is_compiling():
             return self._traced_forward(args, kwargs)
-        if step_kind(self.options.method, self.training, torch.is_grad_enabled()) == "plain":
+        if step_kind(self.options.method, self._model.training, torch.is_grad_enabled()) == "plain":
             return self._model(*args, **kwargs)
         args = self._positional(args, kwargs)
         program = self.compile_for(*args)
@@ -220,7 +220,7 @@ class RateBPModule(nn.Module):
         inputs marked with this module's settings and the step this call runs, which the backend reads (so
         the step is built once, by the backend's passes)."""
         args = self._positional(args, kwargs)
-        kind = step_kind(self.options.method, self.training, torch.is_grad_enabled())
+        kind = step_kind(self.options.method, self._model.training, torch.is_grad_enabled())
         layouts = self.options.layouts(len(args))
         marked = [step_settings(a, lay, kind, self.options.grad_scale, self.options.time_chunk)
                   if isinstance(a, torch.Tensor) else a for a, lay in zip(args, layouts)]

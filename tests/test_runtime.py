@@ -380,3 +380,19 @@ def test_input_gradients_are_the_rate_gradient_spread_over_the_steps():
     _step(rc.transform(copy.deepcopy(model)), one)
     _step(copy.deepcopy(model), twin)
     torch.testing.assert_close(one.grad, twin.grad)
+
+
+def test_the_step_follows_the_models_own_mode():
+    """train()/eval() called on the user's model, not on the transformed module, decide the step too."""
+    model = Tiny()
+    tm = rc.transform(model)
+    model.eval()
+    x = tiny_input()
+    torch.testing.assert_close(tm(x), model(x), rtol=0, atol=0)
+    assert tm.compiled is None
+    model.train()
+    tm.eval()
+    assert not model.training
+    model.train()
+    _step(tm, x)
+    assert tm.compiled is not None
