@@ -88,8 +88,8 @@ class CompiledGraph(nn.Module):
 
 
 def _read_marks(gm: fx.GraphModule) -> Tuple[Dict[fx.Node, tuple], List[bool]]:
-    """Remove the ``marks`` from ``gm``: returns ``{marked placeholder: (layout, step, grad_scale, time_chunk)}``
-    of a transformed module's inputs and the training flags of the neurons."""
+    """Remove the ``marks`` from ``gm``: returns ``{marked placeholder: (layout, step, grad_scale, time_chunk,
+    cache_size)}`` of a transformed module's inputs and the training flags of the neurons."""
     settings, modes = {}, []
     for node in list(gm.graph.nodes):
         if node.op == "call_function" and node.target in (step_settings, neuron_mode):
@@ -250,9 +250,9 @@ def ratebp_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: O
     opts = StepOptions.parse(options, "ratebp backend")
     settings, modes = _read_marks(gm)
     if settings:            # a transformed module: its settings, and the step it decided on
-        layout, kind, grad_scale, time_chunk = next(iter(settings.values()))
+        _, kind, grad_scale, time_chunk, cache_size = next(iter(settings.values()))
         if kind != "plain":
-            opts = opts.replace(method=kind, grad_scale=grad_scale, time_chunk=time_chunk)
+            opts = opts.replace(method=kind, grad_scale=grad_scale, time_chunk=time_chunk, cache_size=cache_size)
     else:
         kind = step_kind(opts.method, _training(gm, modes), torch.is_grad_enabled())
     if kind == "plain":

@@ -12,6 +12,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch.fx as fx
 
+from .guards import Guards
 from .options import StepOptions
 from .passes import BPTT_PIPELINE, PIPELINE, PassRecord, run_pipeline
 from .passes.build_spike_graph import SOURCE, STATISTICS, Statistic
@@ -39,7 +40,7 @@ class Program:
     method: str
     options: StepOptions
     history: List[PassRecord]
-    guards: Optional[object] = None
+    guards: Optional[Guards] = None
     compiled: Optional[Callable] = None
 
     def __call__(self, *args):

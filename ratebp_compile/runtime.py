@@ -222,7 +222,8 @@ class RateBPModule(nn.Module):
         args = self._positional(args, kwargs)
         kind = step_kind(self.options.method, self._model.training, torch.is_grad_enabled())
         layouts = self.options.layouts(len(args))
-        marked = [step_settings(a, lay, kind, self.options.grad_scale, self.options.time_chunk)
+        opts = self.options
+        marked = [step_settings(a, lay, kind, opts.grad_scale, opts.time_chunk, opts.cache_size)
                   if isinstance(a, torch.Tensor) else a for a, lay in zip(args, layouts)]
         return self._model(*marked)
 

@@ -70,7 +70,7 @@ def test_no_recompilation_between_steps():
 
 def test_transform_then_compile_builds_the_step_once():
     model = Tiny()
-    tm = rc.transform(model, grad_scale="upstream")
+    tm = rc.transform(model, grad_scale="upstream", cache_size=3)
     ref = copy.deepcopy(model)
     x, y = tiny_input(T=4), torch.tensor([0, 1, 2])
     _step(rc.transform(ref, grad_scale="upstream"), x, y)
@@ -78,7 +78,7 @@ def test_transform_then_compile_builds_the_step_once():
     for p, q in zip(model.parameters(), ref.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0)
     compiled = rb.compiled_for(model)
-    assert compiled.options.grad_scale == "upstream"
+    assert compiled.options.grad_scale == "upstream" and compiled.options.cache_size == 3
     assert sum(r.name == "build_rate_graph" for r in compiled.history) == 1
     assert tm.compiled is None                       # transform's own pipeline never ran
 
