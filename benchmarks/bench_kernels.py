@@ -5,7 +5,7 @@
 
 Measured per (T, N, dtype), all in one process:
 - spike pass (no autograd): ``ratebp::lif_spike_pass`` (spikes + r + e) vs the eager closed-form loop
-  (``nn.functional.lif_spike_pass``) vs SpikingJelly's multi-step LIF forward (spikes only);
+  (``families.LIFDynamics.spike_pass``) vs SpikingJelly's multi-step LIF forward (spikes only);
 - BPTT step (forward + backward): ``ratebp::lif_bptt_forward``/``backward`` vs autograd through the
   eager loop vs SpikingJelly (its Triton/CuPy backend on GPU, torch backend on CPU).
 Times are medians (``triton.testing.do_bench`` on GPU). On GPU the spike pass also reports bytes moved
@@ -22,10 +22,11 @@ import json
 import torch
 from timing import median_seconds
 
+from ratebp_compile.families import LIFDynamics
 from ratebp_compile.nn import Sigmoid
-from ratebp_compile.nn import functional as RF
 
 DECAY, V_TH, ALPHA = 0.2, 1.0, 4.0
+EAGER = LIFDynamics(decay=DECAY, v_threshold=V_TH, surrogate=Sigmoid(ALPHA))
 OP_ARGS = dict(decay=DECAY, decay_logit=None, v_threshold=V_TH, v_reset=None, decay_input=False, detach_reset=True,
                surrogate="sigmoid", width=ALPHA)
 # Nominal DRAM bandwidth (bytes/s) by device name, used when the driver does not report it.
@@ -85,9 +86,7 @@ def measure(T, N, dtype, device, reps, sj):
     with torch.no_grad():
         row["fused_spike_ms"] = 1e3 * _time(lambda: torch.ops.ratebp.lif_spike_pass(
             x, **OP_ARGS, decay_tangent=False, uint8_spikes=False), device, reps)
-        row["eager_spike_ms"] = 1e3 * _time(lambda: RF.lif_spike_pass(
-            x, DECAY, decay_input=False, v_threshold=V_TH, v_reset=None, detach_reset=True,
-            surrogate=Sigmoid(ALPHA)), device, reps)
+        row["eager_spike_ms"] = 1e3 * _time(lambda: EAGER.spike_pass(x, ()), device, reps)
         if sj is not None:
             def sj_forward():
                 sj.reset()
@@ -101,8 +100,7 @@ def measure(T, N, dtype, device, reps, sj):
 
     def eager_step():
         xr = x.detach().requires_grad_()
-        RF.lif_multistep(xr, DECAY, decay_input=False, v_threshold=V_TH, v_reset=None, detach_reset=True,
-                         surrogate=Sigmoid(ALPHA)).backward(grad)
+        EAGER.multistep(xr, ()).backward(grad)
 
     row["fused_bptt_ms"] = 1e3 * _time(fused_step, device, reps)
     row["eager_bptt_ms"] = 1e3 * _time(eager_step, device, reps)

@@ -29,7 +29,7 @@ from __future__ import annotations
 import inspect
 import traceback
 from contextlib import contextmanager
-from typing import Any, Dict, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.fx as fx
@@ -38,9 +38,10 @@ from torch.fx._symbolic_trace import _orig_module_getattr
 from torch.nn.utils import parametrize
 
 from .errors import RateBPError, describe_node, user_frame
+from .interop import PORTING, UnsupportedNeuron
 from .hooks import ModuleHooks, check_hooks_supported, forward_hooks, hooked_modules, hooks_suspended
-from .nn.neuron import Neuron, _Cell
-from .nn.spec import NeuronSpec, neuron_spec, registered_neuron_types
+from .nn.neuron import Neuron
+from .nn.spec import NeuronSpec, call_form, is_single_step, neuron_spec, registered_neuron_types
 from .statewatch import StateWatch
 
 __all__ = ["capture", "propagate_shapes", "is_foreign_neuron"]
@@ -62,7 +63,7 @@ def is_foreign_neuron(module: torch.nn.Module) -> bool:
 
 
 def _is_neuron_leaf(module: torch.nn.Module) -> bool:
-    return isinstance(module, (Neuron, _Cell) + registered_neuron_types())
+    return isinstance(module, (Neuron,) + registered_neuron_types()) or is_single_step(module)
 
 
 #: Non-tensor arguments traced as constants: their value is part of the program's input signature.
@@ -83,7 +84,8 @@ class _SNNTracer(fx.Tracer):
                 f"unrecognised stateful module '{qualname}' ({type(m).__module__}.{type(m).__name__}): it keeps "
                 f"its membrane state between calls, so its time dynamics are hidden from the compiler. Use "
                 f"ratebp_compile.nn.LIF / IF / ParametricLIF, or describe the class with "
-                f"ratebp_compile.nn.register_neuron({type(m).__name__}, to_spec). Called at {_calling_frame()}")
+                f"ratebp_compile.nn.register_neuron({type(m).__name__}, to_spec). Called at {_calling_frame()}. "
+                f"See {PORTING}.")
         if parametrize.is_parametrized(m) or isinstance(m, parametrize.ParametrizationList):
             return False             # traced through: its weight is computed from the parametrization
         return super().is_leaf_module(m, qualname)
@@ -157,10 +159,12 @@ class _ShapedTracer(_SNNTracer):
     (``node.meta["val"]``), so proxies know their shapes. A module runs with its parameters and buffers
     swapped for fakes; a multi-step neuron's output shapes come from its spec."""
 
-    def __init__(self, example_args: Sequence[Any], specs: Dict[torch.nn.Module, NeuronSpec]):
+    def __init__(self, example_args: Sequence[Any], specs: Dict[torch.nn.Module, NeuronSpec],
+                 refused: Dict[torch.nn.Module, str]):
         super().__init__()
         self.example_args = list(example_args)
         self.specs = specs                   # the neurons' specs, read before tracing (see neuron_specs)
+        self.refused = refused               # neurons in a setting the compiler cannot honour, with why
         self.fake_mode = FakeTensorMode()
         self._fakes: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}   # id(real) -> (real, fake)
         self._placeholder_index = 0
@@ -178,6 +182,12 @@ class _ShapedTracer(_SNNTracer):
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _ShapedProxy(node, self)
+
+    def is_leaf_module(self, m: torch.nn.Module, qualname: str) -> bool:
+        if m in self.refused:
+            raise RateBPError(f"module '{qualname}' ({type(m).__module__}.{type(m).__qualname__}) cannot be "
+                              f"compiled: {self.refused[m]} Called at {_calling_frame()}. See {PORTING}.")
+        return super().is_leaf_module(m, qualname)
 
     def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):
         proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
@@ -218,8 +228,8 @@ class _ShapedTracer(_SNNTracer):
                 return getattr(args[0], node.target)(*args[1:], **kwargs)
             module = self.root.get_submodule(node.target)
             spec = self.specs.get(module)
-            if spec is not None:
-                return spec.empty_outputs(*args)
+            if spec is not None or is_single_step(module):
+                return _neuron_outputs(module, spec, args)
             with _fake_parameters_and_buffers(module, self.fake), _numeric_momentum(module), \
                     self._buffers_as_values():
                 return module.forward(*args, **kwargs)         # the module itself, without its hooks
@@ -265,7 +275,8 @@ def capture(model: torch.nn.Module, example_args: Sequence[Any]) -> fx.GraphModu
     if not isinstance(model, torch.nn.Module):
         raise RateBPError(f"transform expects an nn.Module, got {type(model).__name__}")
     check_hooks_supported(model)
-    tracer = _ShapedTracer(example_args, neuron_specs(model))
+    refused: Dict[torch.nn.Module, str] = {}
+    tracer = _ShapedTracer(example_args, neuron_specs(model, refused), refused)
     watch = StateWatch(model, lambda m: not _is_neuron_leaf(m), _calling_frame)
     try:
         with _all_training(model), _restored_attributes(model):
@@ -309,12 +320,34 @@ def _add_root_hooks(graph: fx.Graph, model: torch.nn.Module) -> None:
             graph.call_function(post, (tuple(placeholders), output.args[0]))
 
 
-def neuron_specs(model: torch.nn.Module) -> Dict[torch.nn.Module, NeuronSpec]:
+def _neuron_outputs(module: torch.nn.Module, spec: Optional[NeuronSpec], args) -> Any:
+    """Uninitialised outputs of a neuron module's call, without running it (its state, which it may keep
+    anywhere, stays untouched): the spikes, or the tuple its call form says (state outputs shaped like
+    one step of the input; the compiler never reads them)."""
+    x = args[0]
+    spikes = spec.empty_outputs(x) if spec is not None else torch.empty_like(x)
+    form = call_form(module)
+    if not form.outputs:
+        return spikes
+    return tuple(spikes if role == "spikes" else torch.empty_like(x) for role in form.outputs)
+
+
+def neuron_specs(model: torch.nn.Module,
+                 refused: Optional[Dict[torch.nn.Module, str]] = None) -> Dict[torch.nn.Module, NeuronSpec]:
     """The spec of every multi-step neuron of ``model``, by module. Read before tracing or running on fake
-    tensors: a registered neuron's ``to_spec`` may read its tensors (``float(m.beta)``), which must be real."""
+    tensors: a registered neuron's ``to_spec`` may read its tensors (``float(m.beta)``), which must be real.
+    A neuron whose ``to_spec`` refuses its setting goes into ``refused`` with the reason (the capture
+    raises when the forward calls it, naming the line); without ``refused`` the refusal is raised here."""
     specs = {}
-    for m in model.modules():
-        spec = None if isinstance(m, _Cell) else neuron_spec(m)
+    for name, m in model.named_modules():
+        try:
+            spec = neuron_spec(m)
+        except UnsupportedNeuron as e:
+            if refused is None:
+                raise RateBPError(f"module '{name}' ({type(m).__module__}.{type(m).__qualname__}) cannot be "
+                                  f"compiled: {e} See {PORTING}.") from None
+            refused[m] = str(e)
+            continue
         if spec is not None:
             specs[m] = spec
     return specs
@@ -327,12 +360,15 @@ class _Propagator(fx.Interpreter):
         self.extra_traceback = False   # our errors already name the node and the user's line
 
     def run_node(self, n: fx.Node) -> Any:
-        spec = n.target if isinstance(n.target, NeuronSpec) else \
-            self.specs.get(self.module.get_submodule(n.target)) if n.op == "call_module" else None
+        module = self.module.get_submodule(n.target) if n.op == "call_module" else None
+        spec = self.specs.get(module)
         try:
-            if spec is not None:     # elementwise over [T, ...]: no need to run the time loop
+            if isinstance(n.target, NeuronSpec):     # elementwise over [T, ...]: no need to run the time loop
                 args, _ = self.fetch_args_kwargs_from_env(n)
-                result = spec.empty_outputs(*args)
+                result = n.target.empty_outputs(*args)
+            elif module is not None and (spec is not None or is_single_step(module)):
+                args, _ = self.fetch_args_kwargs_from_env(n)
+                result = _neuron_outputs(module, spec, args)
             else:
                 result = super().run_node(n)
         except RateBPError:

@@ -22,9 +22,11 @@ from typing import Any, Dict, List, Optional, Set, Tuple
 import torch
 from torch import nn
 
+from .errors import RateBPError
 from .hooks import hook_state, hooked_modules
-from .nn.neuron import LIFFamily, _Cell
-from .nn.spec import NeuronSpec, neuron_spec
+from .interop import PORTING, UnsupportedNeuron
+from .nn.neuron import LIFFamily
+from .nn.spec import NeuronSpec, cell_spec, is_single_step, neuron_spec
 
 __all__ = ["Guards", "neuron_config"]
 
@@ -34,8 +36,8 @@ _PLAIN = (bool, int, float, complex, str, bytes, type(None), torch.dtype, torch.
 
 def neuron_config(module: nn.Module) -> Optional[NeuronSpec]:
     """The spec of a neuron module, single-step cells included (their spec for one step); None otherwise."""
-    if isinstance(module, _Cell):
-        return module.multistep_spec(1)
+    if is_single_step(module):
+        return cell_spec(module, 1)
     return neuron_spec(module)
 
 
@@ -99,6 +101,13 @@ class Guards:
         self.hooks = hook_state(modules)
         self.hooked = hooked_modules(model)          # their hooks run as nodes of the program
 
+    def _neuron_now(self, m: nn.Module) -> Optional[NeuronSpec]:
+        try:
+            return neuron_config(m)
+        except UnsupportedNeuron as e:
+            raise RateBPError(f"the neuron '{self.paths[m]}' ({type(m).__module__}.{type(m).__qualname__}) cannot "
+                              f"be compiled any more: {e} See {PORTING}.") from None
+
     def check(self) -> Optional[str]:
         """None if the program may be reused, else what changed (the first guard that fails)."""
         for m, store, what, entries in self.tree:
@@ -111,7 +120,7 @@ class Guards:
             current = vars(m)
             same = attributes is not None and len(current) == len(attributes) and \
                 all(current.get(k) is v for k, v in attributes)
-            if not same and neuron_config(m) != spec:
+            if not same and self._neuron_now(m) != spec:
                 return f"the neuron '{self.paths[m]}' changed ({spec.describe()} before)"
         for m, name, value, frozen in self.attributes:
             current = getattr(m, name, _MISSING)

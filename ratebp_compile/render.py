@@ -55,22 +55,14 @@ def node_kind(node: fx.Node) -> str:
     return ""
 
 
-def op_label_of_spec(spec: NeuronSpec) -> str:
-    name = spec.kind.upper() + (" fused" if spec.fused else "") + (" spike pass" if spec.mode == "spike" else "")
-    if spec.kind == "custom":
-        return f"{name}[{type(spec.module).__name__}]"
-    decay = f"λ={spec.decay:g}" if spec.decay is not None else "λ learned"
-    return f"{name}[{decay} Vth={spec.v_threshold:g}]"
-
-
 def op_label(node: fx.Node, gm: Optional[fx.GraphModule] = None) -> str:
     """A short description of what ``node`` computes."""
     if isinstance(node.target, NeuronSpec):
-        return op_label_of_spec(node.target)
+        return node.target.label()
     if node.op == "call_module":
         module = gm.get_submodule(node.target) if gm is not None else None
         if isinstance(module, StreamStage):
-            what = "stored" if module.neuron is None else op_label_of_spec(module.neuron)
+            what = "stored" if module.neuron is None else module.neuron.label()
             return f"stream[{what}, {len(module.bounds)} chunks]"
         return f"{type(module).__name__}" if module is not None else str(node.target)
     if node.op == "call_method":

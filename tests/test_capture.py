@@ -10,6 +10,7 @@ from torch import nn
 
 import ratebp_compile as rc
 from ratebp_compile.capture import capture, propagate_shapes
+from ratebp_compile.families import LIFDynamics
 from ratebp_compile.nn import LIF
 from tests.conftest import assert_model_unchanged, inputs_unchanged, snapshot_model
 
@@ -150,8 +151,7 @@ class _TensorDecayNeuron(nn.Module):
 def test_a_registered_neuron_whose_spec_reads_its_tensors():
     """``to_spec`` runs on the real module, never while tracing or on fake tensors; changing the buffer the
     spec reads recompiles."""
-    rc.nn.register_neuron(_TensorDecayNeuron, lambda m: rc.nn.NeuronSpec("lif", decay=float(m.beta),
-                                                                        surrogate=rc.nn.Sigmoid(4.0)))
+    rc.nn.register_neuron(_TensorDecayNeuron, lambda m: rc.nn.NeuronSpec(LIFDynamics(decay=float(m.beta))))
     model = nn.Sequential(nn.Linear(3, 4), _TensorDecayNeuron(), nn.Linear(4, 2))
     plain = copy.deepcopy(model)
     x = torch.rand(4, 2, 3) * 2

@@ -138,7 +138,7 @@ def test_guards_record_what_the_forward_read():
     guards: Guards = tm.compiled.guards
     read = {(guards.paths[m], name) for m, name, *_ in guards.attributes}
     assert ("<root>", "gain") in read and ("fc1", "in_features") not in read
-    assert {(guards.paths[m], spec.v_threshold) for m, _, spec in guards.neurons} == {("sn", 0.6)}
+    assert {(guards.paths[m], spec.dynamics.v_threshold) for m, _, spec in guards.neurons} == {("sn", 0.6)}
 
 
 def test_the_program_cache_is_bounded_and_a_model_that_keeps_recompiling_warns_once():

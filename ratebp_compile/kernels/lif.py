@@ -5,38 +5,37 @@ Every kernel reads the input currents ``[T, N]`` once and keeps the membrane (an
 the time loop: the spike pass writes spikes plus r and e ``[N]``, no per-step state (or, run over a
 chunk of time, resumes from and saves its loop state ``[5 or 7, N]``); the BPTT forward writes spikes
 and the membrane before reset h (float32) — all its backward needs; the backward runs the time loop
-in reverse. The dynamics and eligibility are those of ``ratebp_compile.nn.functional`` (its module
-docstring has the equations), which is also this file's reference.
+in reverse. The dynamics and eligibility are those of ``lif_math`` (its module docstring has the
+equations), which is also this file's reference.
 
 This file, in order: Triton kernels; launchers; ``torch.library`` custom ops
 (``ratebp::lif_spike_pass``, ``ratebp::lif_spike_scan`` — the same over a chunk of time —,
 ``ratebp::lif_bptt_forward`` with its autograd, ``ratebp::lif_bptt_backward``); pure-PyTorch references
-(the numerical spec, the CPU path, the test oracle); the applicability predicate ``supports_lif``; and
-the entry points a ``NeuronSpec`` with ``fused=True`` calls.
+(the numerical spec, the CPU path, the test oracle); and ``op_arguments``, which reads a neuron op
+node's arguments by name. Which neurons run as these ops is ``ratebp_compile.families.lif``'s
+decision; this package knows nothing of neuron modules.
 
 CPU tensors and float64 run the references (as does everything without Triton installed); under
 ``TRITON_INTERPRET=1`` the Triton kernels run on CPU.
 """
 from __future__ import annotations
 
-import math
 import os
 from typing import Optional, Tuple
 
 import torch
 
-from ..nn import functional as RF
-from ..nn.surrogate import SURROGATES
+from . import lif_math as M
 from ._triton import AVAILABLE as TRITON_AVAILABLE
 from ._triton import tl, triton
 
 __all__ = ["lif_spike_pass", "lif_spike_scan", "lif_bptt_forward", "lif_bptt_backward", "lif_spike_pass_reference",
-           "lif_spike_scan_reference", "lif_bptt_forward_reference", "lif_bptt_backward_reference", "supports_lif",
-           "fused_spike_pass", "fused_spike_scan", "fused_bptt", "launch_lif_forward", "launch_lif_backward",
-           "lif_scan_state", "lif_scan_finish", "spec_from_op_args", "op_arguments"]
+           "lif_spike_scan_reference", "lif_bptt_forward_reference", "lif_bptt_backward_reference",
+           "launch_lif_forward", "launch_lif_backward",
+           "lif_scan_state", "lif_scan_finish", "op_arguments"]
 
 # The surrogate of a kernel is a compile-time constant: its index here.
-SURROGATE_IDS = {name: i for i, name in enumerate(SURROGATES)}
+SURROGATE_IDS = {name: i for i, name in enumerate(M.SURROGATE_NAMES)}
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # Tuning constants. Not tuned on hardware yet (no GPU measurement so far): 1024 elements per program
@@ -542,16 +541,16 @@ def _lam(decay: float, decay_logit: Optional[torch.Tensor], dtype: torch.dtype =
     """(λ, dλ/dw): from the logit (λ = 1 − sigmoid(w)) or the constant ``decay`` (dλ/dw unused)."""
     if decay_logit is None:
         return decay, 0.0
-    return RF.decay_from_logit(decay_logit.detach().to(dtype).reshape(()))
+    return M.decay_from_logit(decay_logit.detach().to(dtype).reshape(()))
 
 
 def lif_spike_pass_reference(x, decay, decay_logit, v_threshold, v_reset, decay_input, detach_reset, surrogate,
                              width, decay_tangent, spike_dtype=None):
-    """``ratebp_compile.nn.functional.lif_spike_pass`` (closed-form eligibility) in this op's signature."""
+    """``lif_math.lif_spike_pass`` (closed-form eligibility) in this op's signature."""
     lam, dlam_dw = _lam(decay, decay_logit, _acc_dtype(x.dtype))
-    out = RF.lif_spike_pass(x, lam, decay_input=decay_input, v_threshold=v_threshold, v_reset=v_reset,
-                            detach_reset=detach_reset, surrogate=SURROGATES[surrogate](width),
-                            decay_tangent=decay_tangent, spike_dtype=spike_dtype)
+    out = M.lif_spike_pass(x, lam, decay_input=decay_input, v_threshold=v_threshold, v_reset=v_reset,
+                           detach_reset=detach_reset, surrogate=surrogate, width=width,
+                           decay_tangent=decay_tangent, spike_dtype=spike_dtype)
     if not decay_tangent:
         return out + (None,)
     spikes, r, e, e_lam = out
@@ -561,15 +560,15 @@ def lif_spike_pass_reference(x, decay, decay_logit, v_threshold, v_reset, decay_
 @torch.no_grad()
 def lif_spike_scan_reference(x, state, decay, decay_logit, v_threshold, v_reset, decay_input, detach_reset,
                              surrogate, width, spike_dtype):
-    """``ratebp_compile.nn.functional.lif_spike_scan`` on the op's state rows (updated in place)."""
+    """``lif_math.lif_spike_scan`` on the op's state rows (updated in place)."""
     lam, _ = _lam(decay, decay_logit, _acc_dtype(x.dtype))
     rows = [row.view(x.shape[1:]) for row in state]
     tangent = len(rows) == 7
-    scan = RF.LIFScan(v=rows[0], kappa=rows[1], dvdh=rows[2], r=rows[3], e=rows[4],
-                      mu=rows[5] if tangent else 0.0, e_lam=rows[6] if tangent else None)
-    spikes, scan = RF.lif_spike_scan(x, scan, lam, decay_input=decay_input, v_threshold=v_threshold,
-                                     v_reset=v_reset, detach_reset=detach_reset, surrogate=SURROGATES[surrogate](width),
-                                     spike_dtype=spike_dtype)
+    scan = M.LIFScan(v=rows[0], kappa=rows[1], dvdh=rows[2], r=rows[3], e=rows[4],
+                     mu=rows[5] if tangent else 0.0, e_lam=rows[6] if tangent else None)
+    spikes, scan = M.lif_spike_scan(x, scan, lam, decay_input=decay_input, v_threshold=v_threshold,
+                                    v_reset=v_reset, detach_reset=detach_reset, surrogate=surrogate, width=width,
+                                    spike_dtype=spike_dtype)
     carried = [(rows[0], scan.v), (rows[1], scan.kappa), (rows[2], scan.dvdh)]
     if tangent:
         carried.append((rows[5], scan.mu))
@@ -594,10 +593,10 @@ def lif_bptt_forward_reference(x, decay, decay_logit, v_threshold, v_reset, deca
     v = torch.zeros(x.shape[1:], dtype=acc, device=x.device)
     spikes, hs = torch.empty_like(x), torch.empty(x.shape, dtype=acc, device=x.device)
     for t in range(x.shape[0]):
-        h = RF.charge(v, x[t].to(acc), lam, decay_input)
+        h = M.charge(v, x[t].to(acc), lam, decay_input)
         s = (h - v_threshold >= 0).to(acc)
         hs[t], spikes[t] = h, s
-        v = RF.reset(h, s, v_threshold, v_reset)
+        v = M.reset(h, s, v_threshold, v_reset)
     return spikes, hs
 
 
@@ -608,18 +607,17 @@ def lif_bptt_backward_reference(grad_spikes, h, x, decay, decay_logit, v_thresho
     input decay), δλ = Σ_t δh_t·∂h_t/∂λ with ∂h_t/∂λ = v_{t−1} (− c_t with input decay), δw = δλ·dλ/dw."""
     acc = h.dtype
     lam, dlam_dw = _lam(decay, decay_logit, acc)
-    sg = SURROGATES[surrogate](width)
     grad_x = torch.empty_like(grad_spikes)
     grad_v = torch.zeros(h.shape[1:], dtype=acc, device=h.device)
     glam = torch.zeros((), dtype=acc, device=h.device)
     for t in reversed(range(h.shape[0])):
         u = h[t] - v_threshold
         s = (u >= 0).to(acc)
-        psi = sg.grad(u)
-        g_h = grad_spikes[t].to(acc) * psi + grad_v * RF.dv_dh(h[t], s, psi, v_threshold, v_reset, detach_reset)
+        psi = M.surrogate_grad(surrogate, width, u)
+        g_h = grad_spikes[t].to(acc) * psi + grad_v * M.dv_dh(h[t], s, psi, v_threshold, v_reset, detach_reset)
         grad_x[t] = g_h * (1.0 - lam) if decay_input else g_h
         if decay_grad:
-            v_prev = RF.reset(h[t - 1], (h[t - 1] - v_threshold >= 0).to(acc), v_threshold, v_reset) if t > 0 \
+            v_prev = M.reset(h[t - 1], (h[t - 1] - v_threshold >= 0).to(acc), v_threshold, v_reset) if t > 0 \
                 else torch.zeros_like(g_h)
             glam += (g_h * ((v_prev - x[t].to(acc)) if decay_input else v_prev)).sum()
         grad_v = g_h * lam
@@ -627,67 +625,8 @@ def lif_bptt_backward_reference(grad_spikes, h, x, decay, decay_logit, v_thresho
 
 
 # =============================================================================================
-# 5. Applicability predicate
+# 5. Reading a neuron op node
 # =============================================================================================
-def supports_lif(spec, x: torch.Tensor) -> bool:
-    """Whether the fused ops compute neuron ``spec`` on input ``x`` (a tensor or fake tensor): a LIF,
-    IF or ParametricLIF with one of the four surrogates, on floating-point input (float32/16/bf16 run
-    the Triton kernels on CUDA; other cases the ops' PyTorch reference)."""
-    return (spec.kind in ("lif", "if", "plif") and spec.surrogate is not None and
-            spec.surrogate.name in SURROGATE_IDS and isinstance(x, torch.Tensor) and x.dtype.is_floating_point)
-
-
-# =============================================================================================
-# Entry points for NeuronSpec(fused=True)
-# =============================================================================================
-def _op_args(spec, params):
-    decay_logit = params[0] if spec.kind == "plif" else None
-    return (float(spec.decay if spec.decay is not None else math.nan), decay_logit, spec.v_threshold, spec.v_reset,
-            spec.decay_input, spec.detach_reset, spec.surrogate.name, float(spec.surrogate.width))
-
-
-_OP_ARGS = ("decay", "decay_logit", "v_threshold", "v_reset", "decay_input", "detach_reset", "surrogate", "width")
-
-
-def spec_from_op_args(args: dict, time_steps: Optional[int] = None):
-    """The NeuronSpec a neuron op's arguments describe (``args`` by name, as in ``_op_args``): a
-    ParametricLIF when the decay logit is given, an IF for λ = 1 without input decay, else a LIF."""
-    from ..nn.spec import NeuronSpec
-
-    logit = args["decay_logit"]
-    kind = "plif" if logit is not None else ("if" if args["decay"] == 1.0 and not args["decay_input"] else "lif")
-    return NeuronSpec(kind, decay=None if logit is not None else float(args["decay"]),
-                      decay_input=bool(args["decay_input"]), v_threshold=float(args["v_threshold"]),
-                      v_reset=None if args["v_reset"] is None else float(args["v_reset"]),
-                      detach_reset=bool(args["detach_reset"]), surrogate=SURROGATES[args["surrogate"]](float(args["width"])),
-                      time_steps=time_steps, param_names=("w",) if logit is not None else ())
-
-
-def fused_spike_pass(spec, x: torch.Tensor, *params: torch.Tensor):
-    """``NeuronSpec.spike_pass`` through ``ratebp::lif_spike_pass``: (spikes, r, e, *e_params)."""
-    x_seq = spec._unmerge(x)
-    plif = spec.kind == "plif"
-    spikes, r, e, e_w = torch.ops.ratebp.lif_spike_pass(x_seq, *_op_args(spec, params), plif, False)
-    shape = spec.rate_shape(x.shape)
-    out = (spikes.view(x.shape), r.reshape(shape), e.reshape(shape))
-    return out + ((e_w.reshape(shape),) if plif else ())
-
-
-def fused_spike_scan(spec, x_seq: torch.Tensor, state: Optional[torch.Tensor], *params: torch.Tensor):
-    """``NeuronSpec.scan`` through ``ratebp::lif_spike_scan``: the chunk ``x_seq`` ``[n, ...]`` → (1-byte
-    spikes, state); ``state`` None starts the scan."""
-    if state is None:
-        state = lif_scan_state(x_seq[0], spec.kind == "plif")
-    spikes = torch.ops.ratebp.lif_spike_scan(x_seq, state, *_op_args(spec, params), True)
-    return spikes, state
-
-
-def fused_bptt(spec, x: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
-    """The neuron's BPTT forward through ``ratebp::lif_bptt_forward`` (spikes like ``x``)."""
-    spikes, _ = torch.ops.ratebp.lif_bptt_forward(spec._unmerge(x), *_op_args(spec, params))
-    return spikes.view(x.shape)
-
-
 def op_arguments(node) -> dict:
     """The arguments of a neuron op node (``ratebp::lif_bptt_forward`` or ``ratebp::lif_cell_step``) by name,
     defaults filled in."""

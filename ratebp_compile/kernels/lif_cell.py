@@ -1,16 +1,16 @@
 """One step of a LIF-family neuron as a custom op: what a single-step cell (``LIFCell``, ``IFCell``,
 ``ParametricLIFCell``) computes per call.
 
-``ratebp::lif_cell_step(x, v, ...) -> (spike, v_next)`` is the step of ``ratebp_compile.nn.functional``
+``ratebp::lif_cell_step(x, v, ...) -> (spike, v_next)`` is the step of ``lif_math``
 (``charge``, fire, ``reset``) with its BPTT gradient registered, so that torch.compile (Dynamo) keeps
 each cell call as one node, with the membrane passed from step to step as an explicit value — which
 is how ``fold_time`` recognises a single-step model's time loop in a Dynamo graph. One step is a
 handful of elementwise ops that PyTorch (and Inductor) already fuse, so there is no Triton kernel:
 the op's implementation is its PyTorch reference, on every device.
 
-In order: the custom op with its fake and autograd implementations; the reference; the
-applicability predicate (that of ``lif``); the entry point cells call; ``final_membrane`` (the state
-a folded loop hands back to the model).
+In order: the custom op with its fake and autograd implementations; the reference;
+``final_membrane`` (the state a folded loop hands back to the model). A cell runs as this op exactly
+when its multi-step neuron runs as the fused ops (``ratebp_compile.families.lif`` decides).
 """
 from __future__ import annotations
 
@@ -18,11 +18,10 @@ from typing import Optional, Tuple
 
 import torch
 
-from ..nn import functional as RF
-from ..nn.surrogate import SURROGATES
-from .lif import _lam, _op_args, supports_lif
+from . import lif_math as M
+from .lif import _lam
 
-__all__ = ["lif_cell_step", "lif_cell_step_reference", "supports_lif_cell", "cell_step", "final_membrane"]
+__all__ = ["lif_cell_step", "lif_cell_step_reference", "final_membrane"]
 
 
 # =============================================================================================
@@ -58,10 +57,10 @@ def _backward(ctx, grad_spike, grad_v_next):
     v0 = torch.zeros_like(x) if v is None else v
     s, _, h = lif_cell_step_reference(x, v0, decay, decay_logit, v_threshold, v_reset, decay_input)
     u = h - v_threshold
-    psi = SURROGATES[surrogate](width).grad(u)
+    psi = M.surrogate_grad(surrogate, width, u)
     g_h = psi * (grad_spike if grad_spike is not None else 0.0)
     if grad_v_next is not None:
-        g_h = g_h + grad_v_next * RF.dv_dh(h, s, psi, v_threshold, v_reset, detach_reset)
+        g_h = g_h + grad_v_next * M.dv_dh(h, s, psi, v_threshold, v_reset, detach_reset)
     grad_x = g_h * (1.0 - lam) if decay_input else g_h
     grad_v = None if ctx.v_was_none else g_h * lam
     grad_logit = None
@@ -79,25 +78,16 @@ lif_cell_step.register_autograd(_backward, setup_context=_setup)
 # =============================================================================================
 @torch.no_grad()
 def lif_cell_step_reference(x, v, decay, decay_logit, v_threshold, v_reset, decay_input):
-    """(spike, v_next, h): one step of ``nn.functional``'s LIF update."""
+    """(spike, v_next, h): one step of ``lif_math``'s update."""
     lam, _ = _lam(decay, decay_logit, x.dtype)
-    h = RF.charge(torch.zeros_like(x) if v is None else v, x, lam, decay_input)
+    h = M.charge(torch.zeros_like(x) if v is None else v, x, lam, decay_input)
     spike = (h - v_threshold >= 0).to(x.dtype)
-    return spike, RF.reset(h, spike, v_threshold, v_reset), h
+    return spike, M.reset(h, spike, v_threshold, v_reset), h
 
 
 # =============================================================================================
-# Applicability predicate and entry points
+# The state a folded loop hands back
 # =============================================================================================
-#: A cell's step runs as the op exactly when its multi-step neuron runs as the fused ops.
-supports_lif_cell = supports_lif
-
-
-def cell_step(spec, x: torch.Tensor, v: Optional[torch.Tensor], *params: torch.Tensor):
-    """(spike, v_next) of a cell with multi-step ``spec`` through ``ratebp::lif_cell_step``."""
-    return torch.ops.ratebp.lif_cell_step(x, v, *_op_args(spec, params))
-
-
 @torch.no_grad()
 def final_membrane(x: torch.Tensor, T: int, decay: float, decay_logit: Optional[torch.Tensor], v_threshold: float,
                    v_reset: Optional[float], decay_input: bool) -> torch.Tensor:

@@ -16,9 +16,9 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
-from .. import kernels
+from ..families import LIFDynamics, ModuleDynamics
 from ..marks import neuron_mode
-from . import functional as RF
+from .multistep import register_state_reset
 from .spec import NeuronSpec
 from .surrogate import Sigmoid, Surrogate
 
@@ -89,13 +89,13 @@ class Neuron(nn.Module):
         return torch.stack(spikes).view(x.shape)
 
     def spec(self) -> NeuronSpec:
-        return NeuronSpec(kind="custom", time_steps=self.time_steps, module=self,
-                          param_names=tuple(n for n, p in self.named_parameters() if p.requires_grad))
+        names = tuple(n for n, p in self.named_parameters() if p.requires_grad)
+        return NeuronSpec(ModuleDynamics(self, names), time_steps=self.time_steps, param_names=names)
 
 
 class LIFFamily(Neuron):
-    """Shared arguments and dynamics of LIF, IF and ParametricLIF (and their cells): a neuron whose spec is a
-    function of its attributes."""
+    """Shared arguments of LIF, IF and ParametricLIF (and their cells): a neuron whose dynamics
+    (``ratebp_compile.families.lif``) are a function of its attributes."""
 
     def __init__(self, decay_input: bool, v_threshold: float, v_reset: Optional[float], detach_reset: bool,
                  surrogate: Surrogate, time_steps: Optional[int]):
@@ -106,25 +106,33 @@ class LIFFamily(Neuron):
         self.detach_reset = bool(detach_reset)
         self.surrogate = _check_surrogate(surrogate)
 
-    def _decay(self):
+    _param_names: Tuple[str, ...] = ()
+
+    def _decay(self) -> Optional[float]:
+        """λ, or None where it is learned."""
         raise NotImplementedError
 
-    def _kwargs(self):
-        return dict(decay_input=self.decay_input, v_threshold=self.v_threshold, v_reset=self.v_reset,
-                    detach_reset=self.detach_reset, surrogate=self.surrogate)
+    def _dynamics(self) -> LIFDynamics:
+        return LIFDynamics(decay=self._decay(), decay_input=self.decay_input, v_threshold=self.v_threshold,
+                           v_reset=self.v_reset, detach_reset=self.detach_reset, surrogate=self.surrogate)
+
+    def _params(self) -> Tuple[torch.Tensor, ...]:
+        return tuple(getattr(self, name) for name in self._param_names)
 
     def step(self, x_t, state):
-        s, v = RF.lif_step(state[0], x_t, self._decay(), **self._kwargs())
-        return s, (v,)
+        return self._dynamics().step(x_t, state, self._params())
+
+    def spec(self) -> NeuronSpec:
+        return NeuronSpec(self._dynamics(), time_steps=self.time_steps, param_names=self._param_names)
 
     def forward(self, x):
         self._sequence(x)                  # checks the shape
         if torch.compiler.is_compiling():
             x = neuron_mode(x, self.training)
         spec = self.spec()
-        if kernels.supports(spec, x):      # the fused BPTT custom op (one node for torch.compile)
+        if spec.fusable(x):                # the fused BPTT custom op (one node for torch.compile)
             spec = spec.with_fused()
-        return spec(x, *(getattr(self, name) for name in spec.param_names))
+        return spec(x, *self._params())
 
     def extra_repr(self):
         reset = "soft" if self.v_reset is None else f"hard({self.v_reset:g})"
@@ -155,9 +163,6 @@ class LIF(LIFFamily):
     def _decay(self):
         return self.decay
 
-    def spec(self):
-        return NeuronSpec(kind="lif", decay=self.decay, time_steps=self.time_steps, **self._kwargs())
-
     def extra_repr(self):
         return f"decay={self.decay:g}, decay_input={self.decay_input}, " + super().extra_repr()
 
@@ -171,9 +176,6 @@ class IF(LIFFamily):
 
     def _decay(self):
         return 1.0
-
-    def spec(self):
-        return NeuronSpec(kind="if", decay=1.0, time_steps=self.time_steps, **self._kwargs())
 
 
 class ParametricLIF(LIFFamily):
@@ -191,11 +193,10 @@ class ParametricLIF(LIFFamily):
             raise ValueError(f"init_tau must be > 1, got {init_tau}")
         self.w = nn.Parameter(torch.tensor(-math.log(init_tau - 1.0)))
 
-    def _decay(self):
-        return RF.decay_from_logit(self.w)[0]
+    _param_names = ("w",)
 
-    def spec(self):
-        return NeuronSpec(kind="plif", time_steps=self.time_steps, param_names=("w",), **self._kwargs())
+    def _decay(self):
+        return None
 
     def extra_repr(self):
         return f"tau={1.0 / torch.sigmoid(self.w.detach()).item():.4g}, decay_input={self.decay_input}, " + \
@@ -214,9 +215,9 @@ class _Cell:
     def forward(self, x_t: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():
             x_t = neuron_mode(x_t, self.training)
-        spec = super().spec()
-        if kernels.lif_cell.supports_lif_cell(spec, x_t):   # one custom-op node per step for torch.compile
-            s, self.v = kernels.lif_cell.cell_step(spec, x_t, self.v, *(getattr(self, p) for p in spec.param_names))
+        dynamics = self._dynamics()
+        if dynamics.fusable(x_t):          # one custom-op node per step for torch.compile
+            s, self.v = dynamics.fused_cell_step(x_t, self.v, self._params())
             return s
         s, (self.v,) = self.step(x_t, (torch.zeros_like(x_t) if self.v is None else self.v,))
         return s
@@ -241,3 +242,6 @@ class IFCell(_Cell, IF):
 
 class ParametricLIFCell(_Cell, ParametricLIF):
     """Single-step :class:`ParametricLIF`."""
+
+
+register_state_reset(_Cell, _Cell.reset)

@@ -1,8 +1,10 @@
 """``NeuronSpec``: what the compiler knows about one neuron layer.
 
 After ``normalize_neurons`` every neuron in a graph is a ``call_function`` node whose target is a
-``NeuronSpec`` and whose arguments are ``(x, *learnable_parameters)``. The spec is callable — it runs
-the neuron's multi-step forward with autograd (BPTT) — so every stage of the pipeline stays an
+``NeuronSpec`` and whose arguments are ``(x, *learnable_parameters)``. A spec pairs the neuron's
+dynamics — an instance of one of ``ratebp_compile.families`` — with how it sits in the graph (its
+time layout, its parameters, which execution the node runs). The spec is callable — it runs the
+neuron's multi-step forward with autograd (BPTT) — so every stage of the pipeline stays an
 executable graph; ``spike_pass`` runs the same neuron without autograd and also returns the rate r
 and the eligibility e in the shape the rate pass needs.
 """
@@ -14,56 +16,43 @@ from typing import Callable, Dict, Optional, Tuple, Type
 
 import torch
 
-from . import functional as RF
-from .surrogate import Surrogate
+from ..families import Family
 
-__all__ = ["NeuronSpec", "register_neuron", "neuron_spec", "registered_neuron_types"]
-
-KINDS = ("lif", "if", "plif", "custom")
+__all__ = ["NeuronSpec", "CallForm", "register_neuron", "neuron_spec", "cell_spec", "call_form", "is_single_step",
+           "registered_neuron_types"]
 
 
 @dataclass(frozen=True)
 class NeuronSpec:
     """A neuron layer as the compiler sees it.
 
-    kind:         "lif", "if", "plif" (learnable decay λ = 1 − sigmoid(w)) or "custom" (any
-                  ``ratebp_compile.nn.Neuron`` subclass: dynamics given by its ``step``).
-    decay:        λ for "lif" (1.0 for "if"); None where it is learned or unknown.
+    dynamics:     the neuron's family and constants (``ratebp_compile.families``).
     time_steps:   None: the input is ``[T, B, ...]``; an int T: the input is ``[T·B, ...]``.
     param_names:  the neuron module's learnable parameters, passed as node arguments after x.
-    module:       the neuron module itself (custom neurons run it).
     mode:         what calling the spec does: "bptt" (the multi-step forward with autograd, spikes
                   out) or "spike" (``spike_pass``: spikes, r, e, e_params out, no autograd).
     fused:        run as the fused kernels' custom ops (``ratebp_compile.kernels``; set by ``fuse_lif``).
     """
 
-    kind: str
-    decay: Optional[float] = None
-    decay_input: bool = False
-    v_threshold: float = 1.0
-    v_reset: Optional[float] = None
-    detach_reset: bool = True
-    surrogate: Optional[Surrogate] = None
+    dynamics: Family
     time_steps: Optional[int] = None
     param_names: Tuple[str, ...] = ()
-    module: Optional[torch.nn.Module] = field(default=None, repr=False)
     mode: str = "bptt"
     fused: bool = False
 
     def __post_init__(self):
-        if self.kind not in KINDS:
-            raise ValueError(f"unknown neuron kind {self.kind!r}; expected one of {KINDS}")
-        if self.kind == "custom" and self.module is None:
-            raise ValueError("a custom NeuronSpec needs the neuron module")
-        if self.kind in ("lif", "if") and self.decay is None:
-            raise ValueError(f"a {self.kind!r} NeuronSpec needs its decay")
+        if not isinstance(self.dynamics, Family):
+            raise TypeError(f"NeuronSpec needs the neuron's dynamics (an instance of a ratebp_compile.families "
+                            f"family, e.g. LIFDynamics(decay=0.5)), got {self.dynamics!r}")
         if self.mode not in ("bptt", "spike"):
             raise ValueError(f"NeuronSpec mode must be 'bptt' or 'spike', got {self.mode!r}")
+        if self.fused and not hasattr(self.dynamics, "fused_scan"):
+            raise ValueError(f"{type(self.dynamics).__name__} has no fused kernels")
 
     # fx names a call_function node and its generated-code global after the target's __name__.
     @property
     def __name__(self) -> str:  # noqa: A003
-        return self.kind + ("_fused" if self.fused else "") + ("_spike_pass" if self.mode == "spike" else "")
+        return self.dynamics.name + ("_fused" if self.fused else "") + ("_spike_pass" if self.mode == "spike" else "")
 
     def with_mode(self, mode: str) -> "NeuronSpec":
         return dataclasses.replace(self, mode=mode)
@@ -71,21 +60,24 @@ class NeuronSpec:
     def with_fused(self) -> "NeuronSpec":
         return dataclasses.replace(self, fused=True)
 
+    def fusable(self, x) -> bool:
+        """Whether this neuron on input ``x`` can run as fused kernels (the family decides)."""
+        return self.dynamics.fusable(x)
+
     def describe(self) -> str:
         """One line for ``show`` and error messages."""
-        if self.kind == "custom":
-            return f"{type(self.module).__name__} (custom neuron, eligibility by forward-mode AD)"
-        parts = []
-        if self.kind == "lif":
-            parts.append(f"λ={self.decay:g}" + (", decay_input" if self.decay_input else ""))
-        elif self.kind == "plif":
-            parts.append("λ learned" + (", decay_input" if self.decay_input else ""))
-        parts.append(f"V_th={self.v_threshold:g}")
-        parts.append("soft reset" if self.v_reset is None else f"hard reset to {self.v_reset:g}")
-        parts.append("reset detached" if self.detach_reset else "reset not detached")
-        parts.append(f"{self.surrogate.name}({self.surrogate.width:g})")
         layout = "[T·B, ...], T=%d" % self.time_steps if self.time_steps else "[T, B, ...]"
-        return f"{self.kind.upper()}({', '.join(parts)}) on {layout}" + (", fused kernel" if self.fused else "")
+        return f"{self.dynamics.describe()} on {layout}" + (", fused kernel" if self.fused else "")
+
+    def label(self) -> str:
+        """A few characters for graph drawings: ``LIF fused[λ=0.5 Vth=1]``."""
+        return self.dynamics.name.upper() + (" fused" if self.fused else "") + \
+            (" spike pass" if self.mode == "spike" else "") + f"[{self.dynamics.label()}]"
+
+    @property
+    def binary(self) -> bool:
+        """Whether the spikes are always 0 or 1, so that 1 byte stores one."""
+        return self.dynamics.binary
 
     # -- time layout ---------------------------------------------------------------------------
     def _unmerge(self, x: torch.Tensor) -> torch.Tensor:
@@ -98,16 +90,6 @@ class NeuronSpec:
         if self.time_steps is None:
             return (1,) + tuple(x_shape[1:])
         return (x_shape[0] // self.time_steps,) + tuple(x_shape[1:])
-
-    def _lif_kwargs(self):
-        return dict(decay_input=self.decay_input, v_threshold=self.v_threshold, v_reset=self.v_reset,
-                    detach_reset=self.detach_reset, surrogate=self.surrogate)
-
-    def decay_of(self, params: Tuple[torch.Tensor, ...]):
-        """λ as a float, or as a tensor computed from the learnable parameter (ParametricLIF)."""
-        if self.kind == "plif":
-            return RF.decay_from_logit(params[0])[0]
-        return self.decay
 
     def empty_outputs(self, x: torch.Tensor, *params: torch.Tensor):
         """Uninitialised outputs of the right shapes and dtypes for input ``x`` (for shape
@@ -124,99 +106,144 @@ class NeuronSpec:
         ``mode="spike"``: :meth:`spike_pass`."""
         if self.mode == "spike":
             return self.spike_pass(x, *params)
-        if self.fused:
-            from ..kernels import lif as kernels
-            return kernels.fused_bptt(self, x, *params)
-        if self.kind == "custom":
-            return self.module(x)
-        spikes = RF.lif_multistep(self._unmerge(x), self.decay_of(params), **self._lif_kwargs())
-        return spikes.view(x.shape)
+        run = self.dynamics.fused_multistep if self.fused else self.dynamics.multistep
+        return run(self._unmerge(x), params).reshape(x.shape)
 
     def spike_pass(self, x: torch.Tensor, *params: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         """Forward without autograd: ``(spikes like x, r, e, *e_params)`` with r, e, e_params in
         ``rate_shape(x.shape)``; e_params[i] is the per-element eligibility of ``params[i]``."""
-        if self.fused:
-            from ..kernels import lif as kernels
-            return kernels.fused_spike_pass(self, x, *params)
-        x_seq = self._unmerge(x)
-        if self.kind == "custom":
-            spikes, r, e, *e_params = RF.generic_spike_pass(self.module, x_seq, self.param_names)
-        elif self.kind == "plif":
-            lam, dlam_dw = RF.decay_from_logit(params[0].detach())
-            spikes, r, e, e_lam = RF.lif_spike_pass(x_seq, lam, decay_tangent=True, **self._lif_kwargs())
-            e_params = [e_lam * dlam_dw]
-        else:
-            spikes, r, e = RF.lif_spike_pass(x_seq, self.decay, **self._lif_kwargs())
-            e_params = []
+        run = self.dynamics.fused_spike_pass if self.fused else self.dynamics.spike_pass
+        spikes, *stats = run(self._unmerge(x), params)
         shape = self.rate_shape(x.shape)
-        return (spikes.view(x.shape), r.reshape(shape), e.reshape(shape)) + tuple(t.reshape(shape) for t in e_params)
-
+        return (spikes.reshape(x.shape),) + tuple(t.reshape(shape) for t in stats)
 
     # -- the spike pass over chunks of time --------------------------------------------------------
-    @property
-    def binary(self) -> bool:
-        """Whether the spikes are always 0 or 1 (the LIF family), so that 1 byte stores one."""
-        return self.kind != "custom"
-
     def scan(self, x_seq: torch.Tensor, carry, *params: torch.Tensor):
         """The spike pass over the chunk of steps ``x_seq`` ``[n, ...]`` (time unmerged), resumed from
         ``carry`` (None at the first chunk): returns ``(spikes [n, ...], carry)``. Spikes are uint8 for
         a :attr:`binary` neuron, else ``x_seq``'s dtype. Chunk by chunk it computes exactly what
         :meth:`spike_pass` computes at once; :meth:`scan_finish` gives r, e and e_params."""
         if self.fused:
-            from ..kernels import lif as kernels
-            return kernels.fused_spike_scan(self, x_seq, carry, *params)
-        if self.kind == "custom":
-            return RF.generic_spike_scan(self.module, x_seq, carry or RF.GenericScan(), self.param_names)
-        if carry is None:
-            carry = RF.LIFScan.start(x_seq[0], decay_tangent=self.kind == "plif")
-        decay = self.decay_of(params)
-        decay = decay.detach() if isinstance(decay, torch.Tensor) else decay
-        return RF.lif_spike_scan(x_seq, carry, decay, spike_dtype=torch.uint8, **self._lif_kwargs())
+            return self.dynamics.fused_scan(x_seq, carry, params)
+        return self.dynamics.scan(x_seq, carry, params, spike_dtype=torch.uint8 if self.binary else None)
 
     def scan_finish(self, carry, steps: int, shape, dtype: torch.dtype, *params: torch.Tensor):
         """``(r, e, *e_params)`` shaped ``shape`` from the carry of :meth:`scan` after ``steps`` steps."""
         if self.fused:
-            from ..kernels import lif as kernels
-            return kernels.lif_scan_finish(carry, steps, params[0] if self.kind == "plif" else None, shape, dtype)
-        if self.kind == "custom":
-            out = carry.finish(self.param_names)
-        elif self.kind == "plif":
-            r, e, e_lam = carry.finish(dtype)
-            out = (r, e, e_lam * RF.decay_from_logit(params[0].detach())[1])
-        else:
-            out = carry.finish(dtype)
-        return tuple(t.to(dtype).reshape(shape) for t in out)
+            return self.dynamics.fused_finish(carry, steps, params, shape, dtype)
+        return tuple(t.to(dtype).reshape(shape) for t in self.dynamics.finish(carry, params, dtype))
 
+
+@dataclass(frozen=True)
+class CallForm:
+    """How a neuron module's call exchanges values with the code around it, beyond "input in, spikes out".
+
+    state_args: how many arguments after the input carry state in (snnTorch's ``lif(x, mem)``: 1;
+                ``Synaptic``'s ``lif(x, syn, mem)``: 2; Norse's ``cell(x, s)``: 1).
+    outputs:    the role of each element of a tuple output, "spikes" or "state" (the state handed to the
+                next call, in the order of the state arguments); empty when the call returns the spikes
+                alone.
+    at_rest:    whether a value given as a state argument to the first call of a loop (or to a
+                multi-step neuron) means "from rest" (default: None only). Anything else is refused:
+                the compiled step always starts from rest.
+    """
+
+    state_args: int = 0
+    outputs: Tuple[str, ...] = ()
+    at_rest: Callable[[object], bool] = field(default=lambda value: value is None, compare=False)
+
+    def __post_init__(self):
+        if any(role not in ("spikes", "state") for role in self.outputs) or \
+                (self.outputs and self.outputs.count("spikes") != 1):
+            raise ValueError(f"CallForm outputs are one 'spikes' and any number of 'state', got {self.outputs}")
+
+    @property
+    def spikes_index(self) -> Optional[int]:
+        """The index of the spikes in a tuple output (None: the output is the spikes)."""
+        return self.outputs.index("spikes") if self.outputs else None
+
+
+PLAIN_CALL = CallForm()
 
 _REGISTRY: Dict[Type[torch.nn.Module], Callable[[torch.nn.Module], NeuronSpec]] = {}
+_SINGLE_STEP: Dict[Type[torch.nn.Module], Callable[[torch.nn.Module], bool]] = {}
+_CALL_FORM: Dict[Type[torch.nn.Module], Callable[[torch.nn.Module], CallForm]] = {}
 
 
-def register_neuron(cls: Type[torch.nn.Module], to_spec: Callable[[torch.nn.Module], NeuronSpec]) -> None:
+def register_neuron(cls: Type[torch.nn.Module], to_spec: Callable[[torch.nn.Module], NeuronSpec],
+                    single_step: Optional[Callable[[torch.nn.Module], bool]] = None,
+                    call_form: Optional[Callable[[torch.nn.Module], CallForm]] = None) -> None:
     """Teach the compiler a neuron class it does not know (from another library, say).
 
-    ``to_spec(module)`` returns the module's :class:`NeuronSpec`; the module must be a multi-step
-    neuron (``[T, B, ...]`` in, spikes of the same shape out) with no state kept between calls.
+    ``to_spec(module)`` returns the module's :class:`NeuronSpec` — or raises
+    ``ratebp_compile.interop.UnsupportedNeuron`` saying why a setting cannot be honoured. It runs on the
+    real module (it may read its tensors). The module is a multi-step neuron (``[T, B, ...]`` in, spikes
+    of the same shape out, from rest), unless ``single_step(module)`` is true: then it takes one step
+    ``[B, ...]`` per call and keeps its state between calls (a cell), and ``to_spec`` describes the
+    same dynamics run over T steps from rest. ``call_form(module)`` (default: input in, spikes out)
+    says which arguments and outputs of a call carry state (:class:`CallForm`). SpikingJelly's,
+    snnTorch's and Norse's neurons are registered by ``ratebp_compile.interop`` when a model first
+    uses them.
     """
     if not (isinstance(cls, type) and issubclass(cls, torch.nn.Module)):
         raise TypeError(f"register_neuron expects an nn.Module subclass, got {cls!r}")
     _REGISTRY[cls] = to_spec
+    for table, value in ((_SINGLE_STEP, single_step), (_CALL_FORM, call_form)):
+        if value is not None:
+            table[cls] = value
+        else:
+            table.pop(cls, None)
 
 
 def registered_neuron_types() -> Tuple[type, ...]:
     return tuple(_REGISTRY)
 
 
-def neuron_spec(module: torch.nn.Module) -> Optional[NeuronSpec]:
-    """The spec of ``module`` if it is a multi-step neuron the compiler knows, else None (single-step
-    cells included: see ``multistep_spec``)."""
-    from .neuron import Neuron, _Cell
+def _registered_class(module: torch.nn.Module) -> Optional[type]:
+    from ..interop import load_for
+
+    load_for(module)
+    return next((cls for cls in type(module).__mro__ if cls in _REGISTRY), None)
+
+
+def is_single_step(module: torch.nn.Module) -> bool:
+    """Whether ``module`` is a neuron that takes one step per call and keeps its state between calls."""
+    from .neuron import _Cell
 
     if isinstance(module, _Cell):
+        return True
+    cls = _registered_class(module)
+    return cls is not None and cls in _SINGLE_STEP and bool(_SINGLE_STEP[cls](module))
+
+
+def neuron_spec(module: torch.nn.Module) -> Optional[NeuronSpec]:
+    """The spec of ``module`` if it is a multi-step neuron the compiler knows, else None (single-step
+    neurons included: see :func:`cell_spec`)."""
+    from .neuron import Neuron
+
+    if is_single_step(module):
         return None
     if isinstance(module, Neuron):
         return module.spec()
-    for cls in type(module).__mro__:
-        if cls in _REGISTRY:
-            return _REGISTRY[cls](module)
-    return None
+    cls = _registered_class(module)
+    return None if cls is None else _REGISTRY[cls](module)
+
+
+def cell_spec(module: torch.nn.Module, time_steps: Optional[int] = None) -> Optional[NeuronSpec]:
+    """The spec of a single-step neuron called on ``time_steps`` consecutive steps from rest, as one
+    neuron on ``[T·B, ...]`` (``time_steps`` None: its dynamics on ``[T, B, ...]``); None for any
+    other module."""
+    from .neuron import _Cell
+
+    if not is_single_step(module):
+        return None
+    if isinstance(module, _Cell):
+        return module.multistep_spec(time_steps)
+    return dataclasses.replace(_REGISTRY[_registered_class(module)](module), time_steps=time_steps)
+
+
+def call_form(module: torch.nn.Module) -> CallForm:
+    """How a call of neuron ``module`` exchanges state (:class:`CallForm`); input in, spikes out for
+    ``rc.nn``'s neurons and for classes registered without one."""
+    cls = _registered_class(module)
+    return _CALL_FORM[cls](module) if cls is not None and cls in _CALL_FORM else PLAIN_CALL

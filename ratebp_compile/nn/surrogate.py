@@ -1,9 +1,11 @@
 """Surrogate gradients: the Heaviside step forward, a smooth pseudo-derivative ψ backward.
 
 Every surrogate is a frozen dataclass (hashable, comparable, printable) with one width parameter,
-and ``spike(x, surrogate)`` is the firing function used by all neurons: ``(x >= 0)`` forward,
-``grad · ψ(x)`` in reverse mode and ``tangent · ψ(x)`` in forward mode (which is how the
-eligibility of a user-defined neuron is computed, see ``ratebp_compile.nn.functional``).
+and ``spike(x, surrogate)`` is the firing function used by all neurons: ``(x >= 0)`` forward (or
+``x > 0`` with ``strict=True``), ``grad · ψ(x)`` in reverse mode and ``tangent · ψ(x)`` in forward
+mode (which is how the eligibility of a neuron without a closed form is computed, see
+``ratebp_compile.families.base``). The four surrogates the fused kernels know take their formula
+from ``ratebp_compile.kernels.lif_math``.
 """
 from __future__ import annotations
 
@@ -12,7 +14,10 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Surrogate", "Sigmoid", "ATan", "Rectangular", "Triangle", "spike", "SURROGATES"]
+from ..kernels.lif_math import surrogate_grad
+
+__all__ = ["Surrogate", "Sigmoid", "ATan", "Rectangular", "Triangle", "PiecewiseExp", "SoftSign", "SuperSpike", "Erf",
+           "PiecewiseLeakyReLU", "spike", "SURROGATES"]
 
 
 @dataclass(frozen=True)
@@ -39,8 +44,7 @@ class Sigmoid(Surrogate):
     alpha: float = 4.0
 
     def grad(self, x):
-        s = torch.sigmoid(x * self.alpha)
-        return (1.0 - s) * s * self.alpha
+        return surrogate_grad("sigmoid", self.alpha, x)
 
     @property
     def width(self):
@@ -54,7 +58,7 @@ class ATan(Surrogate):
     alpha: float = 2.0
 
     def grad(self, x):
-        return (self.alpha / 2.0) / (1.0 + (x * (math.pi / 2.0 * self.alpha)).square())
+        return surrogate_grad("atan", self.alpha, x)
 
     @property
     def width(self):
@@ -68,7 +72,7 @@ class Rectangular(Surrogate):
     w: float = 1.0
 
     def grad(self, x):
-        return (x.abs() < self.w / 2.0).to(x.dtype) / self.w
+        return surrogate_grad("rectangular", self.w, x)
 
     @property
     def width(self):
@@ -82,7 +86,81 @@ class Triangle(Surrogate):
     w: float = 1.0
 
     def grad(self, x):
-        return torch.clamp(1.0 - x.abs() / self.w, min=0.0) / self.w
+        return surrogate_grad("triangle", self.w, x)
+
+    @property
+    def width(self):
+        return self.w
+
+
+# -- surrogates of other libraries (no fused kernel: their neurons run the PyTorch spike pass) -----------
+@dataclass(frozen=True)
+class PiecewiseExp(Surrogate):
+    """ψ(x) = (α/2)·exp(−α|x|) (SpikingJelly's PiecewiseExp)."""
+
+    alpha: float = 1.0
+
+    def grad(self, x):
+        return (self.alpha / 2.0) * torch.exp(-self.alpha * x.abs())
+
+    @property
+    def width(self):
+        return self.alpha
+
+
+@dataclass(frozen=True)
+class SoftSign(Surrogate):
+    """ψ(x) = 1 / (2α·(1/α + |x|)²) (SpikingJelly's SoftSign)."""
+
+    alpha: float = 2.0
+
+    def grad(self, x):
+        return 1.0 / (2.0 * self.alpha * (1.0 / self.alpha + x.abs()).square())
+
+    @property
+    def width(self):
+        return self.alpha
+
+
+@dataclass(frozen=True)
+class SuperSpike(Surrogate):
+    """ψ(x) = α / (β·|x| + 1)² (SuperSpike, Zenke & Ganguli 2018): SpikingJelly's is α/(|x| + 1)² (β = 1),
+    snnTorch's fast_sigmoid 1/(k|x| + 1)² (α = 1, β = k), Norse's "super" 1/(|x| + 1)²."""
+
+    alpha: float = 1.0
+    beta: float = 1.0
+
+    def grad(self, x):
+        return self.alpha / (self.beta * x.abs() + 1.0).square()
+
+    @property
+    def width(self):
+        return self.beta
+
+
+@dataclass(frozen=True)
+class Erf(Surrogate):
+    """ψ(x) = (α/√π)·exp(−(αx)²) (SpikingJelly's Erf)."""
+
+    alpha: float = 2.0
+
+    def grad(self, x):
+        return (self.alpha / math.sqrt(math.pi)) * torch.exp(-(self.alpha * x).square())
+
+    @property
+    def width(self):
+        return self.alpha
+
+
+@dataclass(frozen=True)
+class PiecewiseLeakyReLU(Surrogate):
+    """ψ(x) = 1/(2w) where |x| < w, else c (SpikingJelly's PiecewiseLeakyReLU)."""
+
+    w: float = 1.0
+    c: float = 0.01
+
+    def grad(self, x):
+        return torch.where(x.abs() < self.w, 1.0 / (2.0 * self.w), self.c).to(x.dtype)
 
     @property
     def width(self):
@@ -94,12 +172,12 @@ SURROGATES = {cls.__name__.lower(): cls for cls in (Sigmoid, ATan, Rectangular, 
 
 class _SurrogateSpike(torch.autograd.Function):
     @staticmethod
-    def forward(x, surrogate):
-        return (x >= 0).to(x.dtype)
+    def forward(x, surrogate, strict):
+        return ((x > 0) if strict else (x >= 0)).to(x.dtype)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, surrogate = inputs
+        x, surrogate, _ = inputs
         ctx.surrogate = surrogate
         ctx.save_for_backward(x)
         ctx.save_for_forward(x)
@@ -107,16 +185,17 @@ class _SurrogateSpike(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         (x,) = ctx.saved_tensors
-        return grad_out * ctx.surrogate.grad(x), None
+        return grad_out * ctx.surrogate.grad(x), None, None
 
     @staticmethod
-    def jvp(ctx, x_tangent, _):
+    def jvp(ctx, x_tangent, *_):
         (x,) = ctx.saved_tensors
         return x_tangent * ctx.surrogate.grad(x)
 
 
-def spike(x: torch.Tensor, surrogate: Surrogate) -> torch.Tensor:
-    """Θ(x) = 1 where x ≥ 0, else 0 (same dtype as x), with ψ = ``surrogate.grad`` as its derivative."""
+def spike(x: torch.Tensor, surrogate: Surrogate, strict: bool = False) -> torch.Tensor:
+    """Θ(x) = 1 where x ≥ 0 (x > 0 when ``strict``), else 0, in x's dtype, with ψ = ``surrogate.grad`` as
+    its derivative."""
     if not isinstance(surrogate, Surrogate):
         raise TypeError(f"surrogate must be a ratebp_compile.nn.surrogate.Surrogate, got {surrogate!r}")
-    return _SurrogateSpike.apply(x, surrogate)
+    return _SurrogateSpike.apply(x, surrogate, bool(strict))

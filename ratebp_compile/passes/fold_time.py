@@ -10,15 +10,17 @@ import torch.fx as fx
 from networkx.algorithms.isomorphism import DiGraphMatcher
 
 from ..errors import RateBPError, describe_node
+from ..interop import PORTING
 from ..graph_ops import per_step_batch_norm
 from ..hooks import ModuleHooks
-from ..kernels.lif import op_arguments, spec_from_op_args
+from ..families.lif import spec_from_op_args
+from ..kernels.lif import op_arguments
 from ..kernels.lif_cell import final_membrane
-from ..nn.neuron import _Cell
+from ..nn.spec import call_form, cell_spec, is_single_step
 from ..oprules import is_module_state, op_info
 from ..oprules.layout import op_dims
 from .batchnorm_parts import is_batchnorm
-from .infra import PassResult, copy_meta, postcondition, require
+from .infra import PassResult, constant_value, copy_meta, postcondition, require
 
 __all__ = ["fold_time"]
 
@@ -43,12 +45,46 @@ def _state_output(op: fx.Node) -> Optional[fx.Node]:
     return next((u for u in op.users if u.target is operator.getitem and u.args[1] == 1), None)
 
 
+def _cell_module(node, gm: fx.GraphModule):
+    """The single-step neuron module ``node`` calls, or None."""
+    if isinstance(node, fx.Node) and node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        if is_single_step(module):
+            return module
+    return None
+
+
+def _state_args(node: fx.Node, gm: fx.GraphModule) -> List[object]:
+    """The state a cell call receives from the previous step: a cell-step op's membrane, or the state
+    arguments of a neuron module whose calls carry their state explicitly (``lif(x, mem)``)."""
+    if _is_cell_op(node):
+        return [op_arguments(node)["v"]]
+    module = _cell_module(node, gm)
+    if module is None:
+        return []
+    form = call_form(module)
+    return [node.args[1 + i] if 1 + i < len(node.args) else None for i in range(form.state_args)]
+
+
+def _output_role(node: fx.Node, gm: fx.GraphModule) -> Optional[str]:
+    """"spikes" or "state" for an element ``call[i]`` of a cell call's tuple output, else None."""
+    if node.op != "call_function" or node.target is not operator.getitem or not isinstance(node.args[0], fx.Node):
+        return None
+    call, index = node.args
+    if _is_cell_op(call):
+        return "spikes" if index == 0 else "state"
+    module = _cell_module(call, gm)
+    if module is None or not call_form(module).outputs:
+        return None
+    return call_form(module).outputs[index]
+
+
 def _cells(gm: fx.GraphModule) -> Dict[str, List[fx.Node]]:
     """Each single-step neuron's calls, in order: a cell module's calls (``transform``'s capture), or a
     chain of cell-step ops linked through their membranes (torch.compile's graph)."""
     calls: Dict[str, List[fx.Node]] = {}
     for node in gm.graph.nodes:
-        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), _Cell):
+        if node.op == "call_module" and is_single_step(gm.get_submodule(node.target)):
             calls.setdefault(node.target, []).append(node)
         elif _is_cell_op(node) and op_arguments(node)["v"] is None:
             chain = [node]
@@ -62,16 +98,25 @@ def _cells(gm: fx.GraphModule) -> Dict[str, List[fx.Node]]:
     return calls
 
 
-def _data_inputs(node: fx.Node) -> List[fx.Node]:
-    """The inputs of ``node``, without the membrane a cell-step op receives from the previous step."""
+def _data_inputs(node: fx.Node, gm: Optional[fx.GraphModule] = None) -> List[fx.Node]:
+    """The inputs of ``node``, without the state a cell call receives from the previous step."""
     if _is_cell_op(node):
         v = op_arguments(node)["v"]
         return [a for a in node.all_input_nodes if a is not v]
+    if gm is not None and _cell_module(node, gm) is not None:
+        state = _state_args(node, gm)
+        return [a for a in node.all_input_nodes if not any(a is v for v in state)]
     return node.all_input_nodes
 
 
 def _selected_step(node: fx.Node, temporal_inputs) -> Optional[int]:
-    """t if ``node`` selects timestep t of a ``[T, B, ...]`` input (``x[t]``, ``for x_t in x``), else None."""
+    """t if ``node`` selects timestep t of a ``[T, B, ...]`` input (``x[t]``, ``for x_t in x``,
+    ``x.select(0, t)``), else None."""
+    if (node.op == "call_method" and node.target == "select") or \
+            (node.op == "call_function" and node.target is torch.select):
+        args = list(node.args) + [node.kwargs.get(k) for k in ("dim", "index")][len(node.args) - 1:]
+        source, dim, index = args[:3]
+        return index if source in temporal_inputs and dim == 0 and isinstance(index, int) else None
     if node.op != "call_function" or node.target is not operator.getitem:
         return None
     source, index = node.args
@@ -81,24 +126,26 @@ def _selected_step(node: fx.Node, temporal_inputs) -> Optional[int]:
     return first if isinstance(first, int) else None
 
 
-def _label(node: fx.Node, selects: bool) -> tuple:
+def _label(node: fx.Node, selects: bool, gm: fx.GraphModule) -> tuple:
     """What must agree between a node of one step and its counterpart in another."""
     val = node.meta.get("val")
     shape = tuple(val.shape) if isinstance(val, torch.Tensor) else None
     if selects:
         return ("select", node.args[0].name, shape)
-    args = [a for i, a in enumerate(node.args) if not (_is_cell_op(node) and i == 1)]    # not the membrane
+    state = _state_args(node, gm)                         # not the state from the previous step
+    args = [a for i, a in enumerate(node.args) if not (_is_cell_op(node) and i == 1) and
+            not (_cell_module(node, gm) is not None and 1 <= i <= len(state))]
     consts = [repr(a) for a in args if not isinstance(a, (fx.Node, list, tuple))]
     return (node.op, str(node.target), tuple(consts), shape)
 
 
-def _step_graph(nodes: List[fx.Node], labels) -> nx.DiGraph:
+def _step_graph(nodes: List[fx.Node], labels, gm: fx.GraphModule) -> nx.DiGraph:
     g = nx.DiGraph()
     members = set(nodes)
     for n in nodes:
         g.add_node(n, label=labels[n])
     for n in nodes:
-        for position, a in enumerate(_data_inputs(n)):
+        for position, a in enumerate(_data_inputs(n, gm)):
             if a in members:
                 g.add_edge(a, n, position=position)
     return g
@@ -145,7 +192,7 @@ class _Folder:
     def assign_steps(self) -> None:
         call_step = {n: k for calls in self.cells.values() for k, n in enumerate(calls)}
         for node in self.gm.graph.nodes:
-            inputs: Steps = frozenset().union(*[self.steps[a] for a in _data_inputs(node)]) \
+            inputs: Steps = frozenset().union(*[self.steps[a] for a in _data_inputs(node, self.gm)]) \
                 if node.all_input_nodes else _NO_STEPS
             t = _selected_step(node, self.temporal_inputs)
             if t is not None:
@@ -184,16 +231,56 @@ class _Folder:
             terms.extend(self._sum_terms(a) if a in self.chains else [a])
         return terms
 
+    # -- state carried from call to call ------------------------------------------------------------
+    def check_state_chains(self) -> None:
+        """A neuron whose calls carry their state explicitly (``spk, mem = lif(x, mem)``) must start from
+        rest and hand its state only to its own next call: the folded neuron keeps it internal."""
+        gm = self.gm
+        for calls in self.cells.values():
+            module = _cell_module(calls[0], gm)
+            if module is None:
+                continue                            # cell-step ops: chained by construction
+            form = call_form(module)
+            for k, call in enumerate(calls):
+                outputs = {u.args[1]: u for u in call.users if _output_role(u, gm) == "state"}
+                state_out = [outputs.get(i) for i, role in enumerate(form.outputs) if role == "state"]
+                following = calls[k + 1] if k + 1 < len(calls) else None
+                for j, out in enumerate(state_out):
+                    for user in (out.users if out is not None else ()):
+                        if user is following and _state_args(following, gm)[j] is out:
+                            continue
+                        raise RateBPError(
+                            f"{PASS}: the state of {describe_node(call, gm)} (its membrane, say) is read by "
+                            f"{describe_node(user, gm)}: rate-based backprop propagates through spikes only, and "
+                            f"the compiled step keeps a neuron's state inside it. Use its spikes for the loss "
+                            f"(a firing rate or spike count). See {PORTING}.")
+                if k == 0:
+                    for value in _state_args(call, gm):
+                        if not form.at_rest(constant_value(gm, value)):
+                            raise RateBPError(
+                                f"{PASS}: {describe_node(call, gm)} starts from a state that is not at rest "
+                                f"({describe_node(value, gm) if isinstance(value, fx.Node) else repr(value)}): the "
+                                f"compiled step always starts from rest (pass no state, None, or the library's "
+                                f"initial state). See {PORTING}.")
+                elif form.state_args:
+                    previous = {u.args[1]: u for u in calls[k - 1].users if _output_role(u, gm) == "state"}
+                    expected = [previous.get(i) for i, role in enumerate(form.outputs) if role == "state"]
+                    if any(a is not b for a, b in zip(_state_args(call, gm), expected)):
+                        raise RateBPError(
+                            f"{PASS}: {describe_node(call, gm)} at timestep {k} does not continue from the state its "
+                            f"call at timestep {k - 1} returned; only a neuron's own state can be carried from "
+                            f"step to step. See {PORTING}.")
+
     # -- the T bodies must be copies of one another ------------------------------------------------
     def match_bodies(self) -> List[Dict[fx.Node, fx.Node]]:
         bodies = [[n for n in self.gm.graph.nodes
                    if self.steps[n] == frozenset({k}) and n not in self.chains and n.op != "output"]
                   for k in range(self.T)]
-        labels = {n: _label(n, n in self.selects) for body in bodies for n in body}
-        template = _step_graph(bodies[0], labels)
+        labels = {n: _label(n, n in self.selects, self.gm) for body in bodies for n in body}
+        template = _step_graph(bodies[0], labels, self.gm)
         mappings = [{n: n for n in bodies[0]}]
         for k in range(1, self.T):
-            other = _step_graph(bodies[k], labels)
+            other = _step_graph(bodies[k], labels, self.gm)
             matcher = DiGraphMatcher(template, other, node_match=lambda a, b: a["label"] == b["label"],
                                      edge_match=lambda a, b: a["position"] == b["position"])
             if not matcher.is_isomorphic():
@@ -201,7 +288,7 @@ class _Folder:
                                   f"({len(bodies[k])} vs {len(bodies[0])} ops); only loops whose body is the same at "
                                   f"every step can be folded")
             for n0, nk in matcher.mapping.items():      # what a body reads from outside must agree too
-                for a0, ak in zip(_data_inputs(n0), _data_inputs(nk)):
+                for a0, ak in zip(_data_inputs(n0, self.gm), _data_inputs(nk, self.gm)):
                     if self.steps[a0] == _NO_STEPS and not _same_value(a0, ak):
                         raise RateBPError(f"{PASS}: {describe_node(nk, self.gm)} at timestep {k} reads "
                                           f"{ak.name} where timestep 0 reads {a0.name}")
@@ -211,9 +298,8 @@ class _Folder:
     # -- the folded graph ------------------------------------------------------------------------
     def _is_step_specific(self, node: fx.Node) -> bool:
         """Cells, their steps' outputs, and ``x[t]``: the nodes folding changes even at T = 1."""
-        return node in self.selects or _is_cell_op(node) or \
-            (node.op == "call_module" and isinstance(self.gm.get_submodule(node.target), _Cell)) or \
-            (node.target is operator.getitem and _is_cell_op(node.args[0]))
+        return node in self.selects or _is_cell_op(node) or _cell_module(node, self.gm) is not None or \
+            _output_role(node, self.gm) is not None
 
     def fold_one_step(self) -> fx.Graph:
         """T = 1: every op already runs on the one step; cells become neurons of one step and ``x[0]``
@@ -290,8 +376,8 @@ class _Folder:
         arg = lambda a: self._per_step(g, a, node)      # noqa: E731
         if node in self.selects:                  # x[t] -> every step of x, time-major: x.flatten(0, 1)
             return copy_meta(g.call_method("flatten", (self._env(node.args[0]), 0, 1)), node, PASS)
-        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), _Cell):
-            spec = gm.get_submodule(node.target).multistep_spec(T)
+        if node.op == "call_module" and is_single_step(gm.get_submodule(node.target)):
+            spec = cell_spec(gm.get_submodule(node.target), T)
             params = [g.get_attr(f"{node.target}.{p}") for p in spec.param_names]
             new = copy_meta(g.call_function(spec, (arg(node.args[0]), *params)), node, PASS)
             new.meta.update({"ratebp.neuron": spec, "ratebp.module": node.target})
@@ -303,9 +389,11 @@ class _Folder:
             new = copy_meta(g.call_function(spec, (arg(args["x"]), *params)), node, PASS)
             new.meta.update({"ratebp.neuron": spec, "ratebp.module": f"cell:{node.name}"})
             return new
-        if node.target is operator.getitem and _is_cell_op(node.args[0]):
-            # spikes: the folded neuron; the membrane passed to the next step: internal to it
-            return self.merged[node.args[0]] if node.args[1] == 0 else None
+        role = _output_role(node, gm)
+        if role == "spikes":                      # the folded neuron's spikes
+            return self.merged[self.image.get(node.args[0], node.args[0])]
+        if role == "state":                       # passed to the next step: internal to the folded neuron
+            return None
         if node.op == "call_module" and is_batchnorm(node, gm):
             return copy_meta(g.call_function(per_step_batch_norm, (arg(node.args[0]), g.get_attr(node.target), T)),
                              node, PASS)
@@ -400,7 +488,7 @@ def fold_time(gm: fx.GraphModule) -> PassResult:
 
         flatten = x.flatten(0, 1)              # [2·B, ...]
         fc = self.fc(flatten)
-        lif = lif(fc)                          # NeuronSpec(kind='lif', time_steps=2)
+        lif = lif(fc)                          # NeuronSpec(LIFDynamics(...), time_steps=2)
         unflatten = lif.unflatten(0, (2, -1))  # [2, B, ...]
 
     In a torch.compile graph a cell's steps are ``ratebp.lif_cell_step(x, v, ...)`` ops chained through the
@@ -421,6 +509,14 @@ def fold_time(gm: fx.GraphModule) -> PassResult:
                           f"one step per call. Remove the hooks while training, or write the model multi-step.")
     folder = _Folder(gm)
     folder.assign_steps()
+    folder.check_state_chains()
+    if folder.T == 1 and not folder.selects:
+        first = next(iter(folder.cells.values()))[0]
+        raise RateBPError(
+            f"{PASS}: {describe_node(first, gm)} is a single-step neuron called once per forward: this model takes "
+            f"one timestep per call and keeps its neurons' state between calls, so a compiled step would read the "
+            f"batch axis of its input as time. Make it a sequence model: ratebp_compile.nn.MultiStep(model) runs it "
+            f"over the time axis of [T, B, ...] inputs (one call per batch). See {PORTING}.")
     graph = folder.fold(folder.match_bodies()) if folder.T > 1 else folder.fold_one_step()
     folded = fx.GraphModule(gm, graph, class_name=type(gm).__name__)
     folded.graph.eliminate_dead_code()          # the loop's copies of its static part

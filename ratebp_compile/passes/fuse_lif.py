@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from .. import kernels
 from ..nn.spec import NeuronSpec
 from .infra import PassResult, postcondition, require
 
@@ -19,7 +18,7 @@ def _graphs(gm: fx.GraphModule):
 
 def _fusible(node: fx.Node) -> bool:
     return isinstance(node.target, NeuronSpec) and not node.target.fused and \
-        kernels.supports(node.target, node.args[0].meta.get("val"))
+        node.target.fusable(node.args[0].meta.get("val"))
 
 
 def _check(gm: fx.GraphModule) -> None:
@@ -33,8 +32,9 @@ def fuse_lif(gm: fx.GraphModule) -> PassResult:
     """Run LIF, IF and ParametricLIF neurons as fused Triton kernels (``ratebp::lif_spike_pass`` in a
     spike graph, ``ratebp::lif_bptt_forward`` — with its reverse-time backward — in a BPTT graph).
 
-    A neuron node is fused when ``kernels.supports(spec, x)``: a LIF-family neuron with one of the four
-    surrogates on floating-point input; custom neurons keep the PyTorch path. The ops run the Triton
+    A neuron node is fused when its family says so (``spec.fusable(x)``): a LIF-family neuron with one
+    of the kernels' four surrogates, firing at the threshold, on floating-point input; other neurons
+    keep their PyTorch path. The ops run the Triton
     kernels on CUDA float32/16/bf16 tensors and their PyTorch reference otherwise (CPU, float64), or the
     kernels on CPU under ``TRITON_INTERPRET=1``.
 

@@ -28,7 +28,7 @@ import torch.fx as fx
 
 from ..errors import RateBPError, describe_node, user_frame
 
-__all__ = ["PassResult", "PassRecord", "run_pipeline", "copy_meta", "PassFn", "at_node"]
+__all__ = ["PassResult", "PassRecord", "run_pipeline", "copy_meta", "constant_value", "PassFn", "at_node"]
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,17 @@ class PassRecord:
 
 
 PassFn = Callable[[fx.GraphModule], PassResult]
+
+
+def constant_value(gm: fx.GraphModule, value):
+    """The real value of a constant node argument: a ``get_attr`` node's attribute of ``gm`` (a tensor the
+    traced code created), anything else as it is (None, numbers, nodes computed in the graph)."""
+    if isinstance(value, fx.Node) and value.op == "get_attr":
+        obj = gm
+        for part in value.target.split("."):
+            obj = getattr(obj, part)
+        return obj
+    return value
 
 
 def copy_meta(new: fx.Node, old: fx.Node, pass_name: str, val=None) -> fx.Node:

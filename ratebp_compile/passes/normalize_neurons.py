@@ -7,11 +7,12 @@ import re
 import torch
 import torch.fx as fx
 
-from .. import kernels
+from ..families.lif import spec_from_op_args
+from ..kernels.lif import op_arguments
 from ..errors import RateBPError, describe_node
-from ..nn.neuron import _Cell
-from ..nn.spec import NeuronSpec, neuron_spec
-from .infra import PassResult, at_node, copy_meta, postcondition, require
+from ..interop import PORTING
+from ..nn.spec import NeuronSpec, call_form, neuron_spec
+from .infra import PassResult, at_node, constant_value, copy_meta, postcondition, require
 
 __all__ = ["normalize_neurons"]
 
@@ -45,9 +46,9 @@ def _module_path(node: fx.Node) -> str:
 
 def _normalize_op_form(gm: fx.GraphModule, node: fx.Node) -> None:
     """``spikes, h = ratebp.lif_bptt_forward(x, decay, decay_logit, ...)`` → ``spec(x[, decay_logit])``."""
-    args = kernels.lif.op_arguments(node)
+    args = op_arguments(node)
     logit = args["decay_logit"]
-    spec = kernels.lif.spec_from_op_args(args)
+    spec = spec_from_op_args(args)
     users = list(node.users)
     if any(u.target is not operator.getitem or u.args[1] != 0 for u in users):
         raise RateBPError(f"normalize_neurons: {describe_node(node, gm)}: only the spikes of a neuron op may be used "
@@ -72,26 +73,47 @@ def _normalize(gm: fx.GraphModule, node: fx.Node) -> bool:
     if node.op != "call_module":
         return False
     module = gm.get_submodule(node.target)
-    if isinstance(module, _Cell):
-        return False                  # single-step neurons: fold_time folds them with their loop
-    spec = neuron_spec(module)
+    spec = neuron_spec(module)        # None for single-step neurons: fold_time folds them with their loop
     if spec is None:
         return False
-    if len(node.args) != 1 or node.kwargs:
+    form = call_form(module)
+    if len(node.args) > 1 + form.state_args or node.kwargs:
         raise RateBPError(f"normalize_neurons: {describe_node(node, gm)} is called with "
                           f"{len(node.args)} positional and {len(node.kwargs)} keyword arguments; a neuron "
-                          f"takes exactly one input tensor")
+                          f"takes exactly one input tensor" + (f" and {form.state_args} state argument(s)"
+                                                              if form.state_args else ""))
+    for value in node.args[1:]:
+        if not form.at_rest(constant_value(gm, value)):
+            raise RateBPError(f"normalize_neurons: {describe_node(node, gm)} is given a state that is not at rest: "
+                              f"the compiled step always runs a multi-step neuron from rest. See {PORTING}.")
+    spikes_of = {}
+    if form.outputs:                  # a tuple out: its spikes are the neuron; its state must go unused
+        for user in list(node.users):
+            role = form.outputs[user.args[1]] if user.target is operator.getitem else None
+            if role is None or (role != "spikes" and user.users):
+                reader = describe_node(next(iter(user.users)) if role else user, gm)
+                raise RateBPError(f"normalize_neurons: the output of {describe_node(node, gm)} is used other than "
+                                  f"for its spikes (by {reader}): "
+                                  f"rate-based backprop propagates through spikes only, and the compiled step keeps "
+                                  f"a neuron's state inside it. See {PORTING}.")
+            spikes_of[user] = role
     with gm.graph.inserting_before(node):
         params = [gm.graph.get_attr(f"{node.target}.{name}") for name in spec.param_names]
         new = gm.graph.call_function(spec, (node.args[0], *params))
     for p, name in zip(params, spec.param_names):
         copy_meta(p, node, "normalize_neurons", getattr(module, name))
-    copy_meta(new, node, "normalize_neurons", node.meta.get("val"))
+    val = node.meta.get("val")
+    copy_meta(new, node, "normalize_neurons", val[form.spikes_index] if form.outputs else val)
     new.meta["ratebp.neuron"] = spec
     new.meta["ratebp.module"] = node.target
+    for user, role in spikes_of.items():
+        if role == "spikes":
+            user.replace_all_uses_with(new)
+        gm.graph.erase_node(user)
     node.replace_all_uses_with(new)
     gm.graph.erase_node(node)
     return True
+
 
 
 @postcondition(_check)
@@ -112,7 +134,7 @@ def normalize_neurons(gm: fx.GraphModule) -> PassResult:
 
         conv = self.conv(x)
         unflatten = conv.unflatten(0, (2, -1))
-        lif = ratebp_compile_nn_spec_lif(unflatten)   # target: NeuronSpec(kind='lif', decay=0.5, ...)
+        lif = ratebp_compile_nn_spec_lif(unflatten)   # target: NeuronSpec(LIFDynamics(decay=0.5, ...))
 
     A ``ParametricLIF`` becomes ``plif(x, self.sn.w)``. In a graph captured by torch.compile, where a
     neuron module's forward is its fused op, ``spikes = ratebp.lif_bptt_forward(x, 0.5, None, ...)[0]``

@@ -10,7 +10,7 @@ import torch
 
 from ratebp_compile import kernels
 from ratebp_compile.kernels import lif as K
-from ratebp_compile.nn import functional as RF
+from ratebp_compile.families import LIFDynamics
 from ratebp_compile.nn.surrogate import SURROGATES
 from tests.conftest import TOLERANCES
 
@@ -153,10 +153,10 @@ def _autograd_bptt(x, args):
     (x, the decay logit or None, spikes)."""
     x = x.detach().clone().requires_grad_()
     w = args["decay_logit"].detach().clone().requires_grad_() if args["decay_logit"] is not None else None
-    lam = 1.0 - torch.sigmoid(w) if w is not None else args["decay"]
-    spikes = RF.lif_multistep(x, lam, decay_input=args["decay_input"],
-                              v_threshold=args["v_threshold"], v_reset=args["v_reset"],
-                              detach_reset=args["detach_reset"], surrogate=SURROGATES[args["surrogate"]](args["width"]))
+    dyn = LIFDynamics(decay=None if w is not None else args["decay"], decay_input=args["decay_input"],
+                      v_threshold=args["v_threshold"], v_reset=args["v_reset"], detach_reset=args["detach_reset"],
+                      surrogate=SURROGATES[args["surrogate"]](args["width"]))
+    spikes = dyn.multistep(x, (w,) if w is not None else ())
     return x, w, spikes
 
 
@@ -232,16 +232,3 @@ def test_launchers_validate_inputs():
     with pytest.raises(ValueError, match="contiguous"):
         K.launch_lif_forward(x.t(), 0.5, None, 1.0, None, False, True, "sigmoid", 4.0, write_h=False,
                              write_stats=True, decay_tangent=False, spike_dtype=torch.float32)
-
-
-def test_supports_lif():
-    from ratebp_compile.nn import IF, LIF, Neuron, ParametricLIF
-    x = torch.zeros(2, 3)
-    assert K.supports_lif(LIF().spec(), x) and K.supports_lif(IF().spec(), x.half())
-    assert K.supports_lif(ParametricLIF().spec(), x.bfloat16()) and K.supports_lif(LIF().spec(), x.double())
-    assert not K.supports_lif(LIF().spec(), x.long())
-
-    class Mine(Neuron):
-        pass
-
-    assert not K.supports_lif(Mine().spec(), x)

@@ -1,5 +1,5 @@
 """ratebp::lif_cell_step: one step of a cell, with its BPTT gradient, against autograd through
-nn.functional.lif_step over a chain of steps — every reset mode x detach x surrogate x input decay."""
+the LIF family's step (``families.lif``) over a chain of steps — every reset mode x detach x surrogate x input decay."""
 import itertools
 import math
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ratebp_compile.kernels.lif_cell import final_membrane
-from ratebp_compile.nn import functional as RF
+from ratebp_compile.families import LIFDynamics
 from ratebp_compile.nn.surrogate import SURROGATES
 from tests.conftest import assert_close
 
@@ -37,11 +37,11 @@ def test_chain_of_steps_equals_autograd(case):
     g = torch.randn_like(ours)
     grads = torch.autograd.grad((ours * g).sum() + v.square().sum(), [xs, w] if use_logit else [xs])
     # oracle: autograd through the PyTorch step
-    lam = 1.0 - torch.sigmoid(w) if use_logit else 0.35
-    v_ref, ref = torch.zeros_like(xs[0]), []
+    dyn = LIFDynamics(decay=None if use_logit else 0.35, decay_input=decay_input, v_threshold=0.9, v_reset=v_reset,
+                      detach_reset=detach, surrogate=SURROGATES[sg](width))
+    (v_ref,), ref = dyn.init_state(xs[0]), []
     for t in range(4):
-        s, v_ref = RF.lif_step(v_ref, xs[t], lam, decay_input=decay_input, v_threshold=0.9, v_reset=v_reset,
-                               detach_reset=detach, surrogate=SURROGATES[sg](width))
+        s, (v_ref,) = dyn.step(xs[t], (v_ref,), (w,) if use_logit else ())
         ref.append(s)
     ref = torch.stack(ref)
     ref_grads = torch.autograd.grad((ref * g).sum() + v_ref.square().sum(), [xs, w] if use_logit else [xs])

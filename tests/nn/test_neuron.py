@@ -4,7 +4,7 @@ import torch
 
 from ratebp_compile.nn import (IF, LIF, ATan, IFCell, LIFCell, Neuron, NeuronSpec, ParametricLIF, ParametricLIFCell,
                                Sigmoid, neuron_spec, register_neuron)
-from ratebp_compile.nn import functional as RF
+from ratebp_compile.families import LIFDynamics, ModuleDynamics
 from tests.conftest import assert_close
 
 
@@ -25,8 +25,8 @@ def test_tau_and_decay():
 def test_lif_forward_matches_functional_and_merged_layout():
     x = torch.randn(4, 3, 5, 6) + 0.5
     n = LIF(decay=0.25, v_reset=0.0, surrogate=ATan(2.0))
-    ref = RF.lif_multistep(x, 0.25, decay_input=False, v_threshold=1.0, v_reset=0.0, detach_reset=True,
-                           surrogate=ATan(2.0))
+    ref = LIFDynamics(decay=0.25, decay_input=False, v_threshold=1.0, v_reset=0.0, detach_reset=True,
+                      surrogate=ATan(2.0)).multistep(x, ())
     assert torch.equal(n(x), ref)
     merged = LIF(decay=0.25, v_reset=0.0, surrogate=ATan(2.0), time_steps=4)
     assert torch.equal(merged(x.flatten(0, 1)), ref.flatten(0, 1))
@@ -67,13 +67,13 @@ def test_plif_decay_is_learnable_and_gets_bptt_grad():
 
 def test_specs():
     spec = LIF(decay=0.2, v_threshold=1.5, v_reset=0.0, detach_reset=False, surrogate=ATan(3.0)).spec()
-    assert spec == NeuronSpec("lif", decay=0.2, v_threshold=1.5, v_reset=0.0, detach_reset=False,
-                              surrogate=ATan(3.0))
+    assert spec == NeuronSpec(LIFDynamics(decay=0.2, v_threshold=1.5, v_reset=0.0, detach_reset=False,
+                                          surrogate=ATan(3.0)))
     assert spec.__name__ == "lif" and spec.with_mode("spike").__name__ == "lif_spike_pass"
     assert "hard reset to 0" in spec.describe()
-    assert IF().spec().kind == "if" and IF().spec().decay == 1.0
+    assert IF().spec().__name__ == "if" and IF().spec().dynamics.decay == 1.0
     plif = ParametricLIF()
-    assert plif.spec().kind == "plif" and plif.spec().param_names == ("w",)
+    assert plif.spec().__name__ == "plif" and plif.spec().param_names == ("w",)
     with pytest.raises(TypeError, match="single-step"):
         LIFCell().spec()
 
@@ -118,8 +118,8 @@ def test_custom_neuron_eligibilities_equal_autograd():
     eye = torch.eye(64, dtype=torch.float64)
     (e_beta_ref,) = torch.autograd.grad(n(c.detach().expand(5, 64)).mean(0), n.beta, eye, is_grads_batched=True)
     spec = n.spec()
-    assert spec.kind == "custom" and spec.param_names == ("beta",)
-    _, r, e, e_beta = spec.spike_pass(c.detach().expand(5, 64))
+    assert isinstance(spec.dynamics, ModuleDynamics) and spec.param_names == ("beta",)
+    _, r, e, e_beta = spec.spike_pass(c.detach().expand(5, 64), n.beta)
     assert_close(e.squeeze(0), e_ref)
     assert_close(e_beta.squeeze(0), e_beta_ref)
 
@@ -129,8 +129,8 @@ def test_register_neuron():
         def forward(self, x):
             return LIF(decay=0.5)(x)
 
-    register_neuron(Foreign, lambda m: NeuronSpec("lif", decay=0.5, surrogate=Sigmoid(4.0)))
-    assert neuron_spec(Foreign()).kind == "lif"
+    register_neuron(Foreign, lambda m: NeuronSpec(LIFDynamics(decay=0.5, surrogate=Sigmoid(4.0))))
+    assert neuron_spec(Foreign()).__name__ == "lif"
     assert neuron_spec(torch.nn.ReLU()) is None
     with pytest.raises(TypeError):
         register_neuron(object, lambda m: None)

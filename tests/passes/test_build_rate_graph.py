@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from ratebp_compile.graph_ops import rate_batch_norm, rate_neuron, route_gradient, time_average
-from ratebp_compile.nn import NeuronSpec, lif_spike_pass
+from ratebp_compile.kernels.lif_math import lif_spike_pass
+from ratebp_compile.nn import NeuronSpec
 from ratebp_compile.passes import build_rate_graph
 from tests.conftest import assert_close, inputs_unchanged
 from tests.passes.util import Tiny, node_named, prepare, tiny_input
@@ -21,7 +22,8 @@ def _reference_rate_step(model, x, grad_out):
         mean_s, var_s = c.mean((0, 2, 3)), c.var((0, 2, 3), unbiased=False)
         y = (c - mean_s[:, None, None]) / torch.sqrt(var_s[:, None, None] + eps) * w[:, None, None] + b[:, None, None]
         spikes, r, e = lif_spike_pass(y.unflatten(0, (T, -1)), 0.5, decay_input=False, v_threshold=0.5,
-                                      v_reset=None, detach_reset=True, surrogate=model.sn.surrogate)
+                                      v_reset=None, detach_reset=True, surrogate=model.sn.surrogate.name,
+                                      width=model.sn.surrogate.width)
         out = model.fc(spikes.mean((3, 4)))
     cr = model.conv(x.mean(0))                                   # rate pass on the time average
     mr, vr = cr.mean((0, 2, 3)), cr.var((0, 2, 3), unbiased=False)

@@ -6,7 +6,8 @@ import torch
 from torch.fx import GraphModule
 
 from ratebp_compile.graph_ops import spike_batch_norm, update_batch_norm_stats, without_grad
-from ratebp_compile.nn import NeuronSpec, lif_spike_pass
+from ratebp_compile.kernels.lif_math import lif_spike_pass
+from ratebp_compile.nn import NeuronSpec
 from ratebp_compile.passes import build_spike_graph
 from tests.conftest import assert_close
 from tests.passes.util import Tiny, prepare, tiny_input
@@ -51,6 +52,7 @@ def test_structure_numerics_and_fired():
     torch.testing.assert_close(outs[2], c.var((0, 2, 3), unbiased=False), rtol=1e-5, atol=1e-6)
     y = torch.nn.functional.batch_norm(c, None, None, model.bn.weight, model.bn.bias, True).detach()
     _, r, e = lif_spike_pass(y.unflatten(0, (3, -1)), 0.5, decay_input=False, v_threshold=0.5, v_reset=None,
-                             detach_reset=True, surrogate=model.sn.surrogate)
+                             detach_reset=True, surrogate=model.sn.surrogate.name,
+                                      width=model.sn.surrogate.width)
     assert_close(outs[3], r.unsqueeze(0))
     assert_close(outs[4], e.unsqueeze(0))

@@ -9,7 +9,9 @@ from torch import nn
 
 import ratebp_compile as rc
 from ratebp_compile.graph_ops import per_step_batch_norm
-from ratebp_compile.nn import LIF, LIFCell, NeuronSpec, ParametricLIF, ParametricLIFCell
+from ratebp_compile.families import LIFDynamics
+from ratebp_compile.nn import LIF, LIFCell, NeuronSpec, ParametricLIF, ParametricLIFCell, Sigmoid
+from ratebp_compile.nn.spec import CallForm
 from ratebp_compile.passes import fold_time
 from tests.conftest import inputs_unchanged
 from tests.passes.util import SingleBN, prepare
@@ -241,3 +243,95 @@ def test_loops_that_cannot_be_folded_are_refused(model, pattern):
     assert all(torch.equal(v, state[k]) for k, v in m.state_dict().items())
     assert all(c.v is None for c in m.modules() if isinstance(c, LIFCell))
 
+
+
+class SelectLoop(nn.Module):
+    """The loop reads its steps with ``x.select(0, t)`` (SpikingJelly's MultiStepContainer does)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.sn = nn.Linear(3, 4), LIFCell(decay=0.3, v_threshold=0.4)
+
+    def forward(self, x):
+        return torch.stack([self.sn(self.fc(x.select(0, t))) for t in range(x.shape[0])])
+
+
+def test_steps_read_with_select_fold():
+    model = SelectLoop().double()
+    x = torch.rand(4, 2, 3, dtype=torch.float64) * 2
+    plain = copy.deepcopy(model)
+    expected = plain(x)
+    gm, _ = prepare(model, [x], "fold_time")
+    assert not any(n.op == "call_method" and n.target == "select" for n in gm.graph.nodes)
+    assert any(isinstance(n.target, NeuronSpec) and n.target.time_steps == 4 for n in gm.graph.nodes)
+    with inputs_unchanged(x):
+        out = rc.transform(model, method="bptt")(x)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    assert expected.sum() > 0
+
+
+# -- neurons whose calls carry their state explicitly (snnTorch's ``spk, mem = lif(x, mem)``) --------
+class ExplicitStateLIF(nn.Module):
+    """A single-step LIF that takes and returns its membrane: ``s, v = neuron(x, v)`` (v None: at rest)."""
+
+    def __init__(self):
+        super().__init__()
+        self.dynamics = LIFDynamics(decay=0.5, v_threshold=0.6, v_reset=None, surrogate=Sigmoid(4.0))
+
+    def forward(self, x, v=None):
+        s, (v,) = self.dynamics.step(x, (torch.zeros_like(x) if v is None else v,), ())
+        return s, v
+
+
+rc.nn.register_neuron(ExplicitStateLIF, lambda m: NeuronSpec(m.dynamics), single_step=lambda m: True,
+                      call_form=lambda m: CallForm(state_args=1, outputs=("spikes", "state")))
+
+
+class ExplicitLoop(nn.Module):
+    def __init__(self, record_membrane=False, start=None):
+        super().__init__()
+        self.fc, self.sn, self.out = nn.Linear(3, 5), ExplicitStateLIF(), nn.Linear(5, 2)
+        self.record_membrane, self.start = record_membrane, start
+
+    def forward(self, x):
+        v = self.start
+        spikes, membranes = [], []
+        for x_t in x:
+            s, v = self.sn(self.fc(x_t), v)
+            spikes.append(self.out(s))
+            membranes.append(v)
+        return torch.stack(membranes) if self.record_membrane else torch.stack(spikes)
+
+
+@pytest.mark.parametrize("method", ["bptt", "ratebp"])
+def test_explicit_state_chain_folds_into_one_neuron(method):
+    model = ExplicitLoop().double()
+    x = torch.rand(4, 3, 3, dtype=torch.float64) * 2
+    plain = copy.deepcopy(model)
+    expected = plain(x)
+    gm, _ = prepare(copy.deepcopy(model), [x], "fold_time")
+    specs = [n.target for n in gm.graph.nodes if isinstance(n.target, NeuronSpec)]
+    assert len(specs) == 1 and specs[0].time_steps == 4                  # the rewrite fired: one neuron
+    assert not any(n.op == "call_module" and n.target == "sn" for n in gm.graph.nodes)
+    with inputs_unchanged(x):
+        out = rc.transform(model, method=method)(x)
+        out.sum().backward()
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
+    if method == "bptt":
+        expected.sum().backward()
+        for p, q in zip(model.parameters(), plain.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-12)
+    assert expected.abs().sum() > 0
+
+
+@pytest.mark.parametrize("model,pattern", [
+    (lambda: ExplicitLoop(record_membrane=True), r"the state of module 'sn'.*is read by.*spikes only"),
+    (lambda: ExplicitLoop(start=torch.full((3, 5), 0.3)), r"module 'sn'.*starts from a state that is not at rest"),
+], ids=["membrane-output", "state-not-at-rest"])
+def test_explicit_state_used_outside_the_neuron_is_refused(model, pattern):
+    m = model()
+    snap = copy.deepcopy(m.state_dict())
+    x = torch.rand(4, 3, 3)
+    with inputs_unchanged(x), pytest.raises(rc.RateBPError, match=pattern):
+        rc.transform(m)(x)
+    assert all(torch.equal(v, snap[k]) for k, v in m.state_dict().items())

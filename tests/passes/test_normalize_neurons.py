@@ -32,7 +32,7 @@ def test_learnable_parameters_become_arguments():
     x = torch.randn(3, 2, 4)
     gm, _ = prepare(model, [x], "normalize_neurons")
     (node,) = [n for n in gm.graph.nodes if isinstance(n.target, NeuronSpec)]
-    assert node.target.kind == "plif"
+    assert node.target.__name__ == "plif"
     assert node.args[1].op == "get_attr" and node.args[1].target == "1.w"
     with inputs_unchanged(x):
         out = gm(x)

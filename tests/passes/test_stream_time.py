@@ -150,7 +150,7 @@ def test_shared_values_custom_and_learned_neurons():
     bn = stages["stream_spike_batch_norm"]
     assert bn.neuron is None and bn.batchnorms == ["spike_batch_norm"]       # the BatchNorm's output, stored once
     assert not stages["stream_a"].batchnorms and not stages["stream_b"].batchnorms
-    assert stages["stream_a"].neuron.kind == "plif" and stages["stream_b"].neuron.kind == "custom"
+    assert stages["stream_a"].neuron.dynamics.name == "plif" and stages["stream_b"].neuron.dynamics.name == "custom"
     code = program.spike.code
     assert ".to(torch.float64)" in code         # 1-byte spikes cast back for the reduction over time
 

@@ -1,0 +1,15 @@
+"""Neuron families: one module per family, holding its dynamics, its eligibility, its kernels and
+its description (``base`` has the contract and the forward-mode engine every family inherits).
+
+- ``lif``: LIF, IF, ParametricLIF — and the same dynamics resting elsewhere than 0 or firing only
+  above the threshold, as SpikingJelly and Norse define them; closed-form eligibility; fused kernels.
+- ``custom``: any ``ratebp_compile.nn.Neuron`` subclass, by forward-mode AD through its ``step``.
+
+A ``NeuronSpec`` pairs a family's dynamics with how the neuron sits in a graph (its time layout and
+parameters). Adding a family is one module here plus its tests.
+"""
+from .base import Family, GenericScan
+from .custom import ModuleDynamics
+from .lif import LIFDynamics
+
+__all__ = ["Family", "GenericScan", "LIFDynamics", "ModuleDynamics"]

@@ -1,0 +1,42 @@
+"""Neurons of other SNN libraries — SpikingJelly, snnTorch, Norse — recognised when a model holds them.
+
+Each library has one module here, imported the first time the compiler meets a module of that
+library (none of them is a dependency of ratebp_compile, and nothing is imported for a model that
+does not use them). Importing it registers the library's neuron classes with
+``ratebp_compile.nn.register_neuron``: each class's ``to_spec`` maps a module's settings onto one of
+``ratebp_compile.families``, or raises :class:`UnsupportedNeuron` with the reason the compiler
+cannot honour that setting (the capture turns it into an error naming the module and the user's line).
+
+``docs/porting.md`` says, per library, what maps to what and what is refused.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Optional, Set
+
+__all__ = ["UnsupportedNeuron", "load_for", "library_of", "LIBRARIES", "PORTING"]
+
+#: Top-level package → the module here that adapts it.
+LIBRARIES = {"spikingjelly": "spikingjelly", "snntorch": "snntorch", "norse": "norse"}
+PORTING = "docs/porting.md"
+
+_loaded: Set[str] = set()
+
+
+class UnsupportedNeuron(Exception):
+    """A neuron of another library in a setting the compiler cannot honour; the message says why."""
+
+
+def library_of(cls: type) -> Optional[str]:
+    """The adapted library a class comes from, or None."""
+    top = (getattr(cls, "__module__", "") or "").split(".")[0]
+    return top if top in LIBRARIES else None
+
+
+def load_for(module) -> None:
+    """Import the adapter of the library ``module``'s class (or a base class) comes from, once."""
+    for cls in type(module).__mro__:
+        lib = library_of(cls)
+        if lib is not None and lib not in _loaded:
+            _loaded.add(lib)
+            importlib.import_module(f"{__name__}.{LIBRARIES[lib]}")

@@ -1,0 +1,123 @@
+"""SpikingJelly 2.x (``spikingjelly.activation_based``): its LIF, IF and ParametricLIF neurons.
+
+What maps to what (``docs/porting.md`` has the table and the defaults that differ from ``rc.nn``):
+
+- ``LIFNode(tau, decay_input, v_threshold, v_reset, surrogate_function, detach_reset, step_mode)``:
+  the LIF family with λ = 1 − 1/τ, resting at ``v_reset`` (0 for a soft reset): SpikingJelly charges
+  h = v + (x − (v − v_reset))/τ (or v − (v − v_reset)/τ + x), which is a leak toward ``v_reset``, and
+  starts each sequence there. It fires at h ≥ V_th, as ``rc.nn`` does.
+- ``IFNode``: the same with λ = 1. ``ParametricLIFNode``: λ = 1 − sigmoid(w), its parameter ``w``.
+- ``step_mode='m'``: a multi-step neuron on ``[T, B, ...]``; ``step_mode='s'``: a single-step neuron
+  (a cell), folded with the loop that calls it.
+- Surrogates: ``Sigmoid(α)``, ``ATan(α)`` as ours; ``Rect(α)`` is ``Rectangular(1/α)``,
+  ``PiecewiseQuadratic(α)`` is ``Triangle(1/α)``, ``PiecewiseLeakyReLU(w, c=0)`` is ``Rectangular(2w)``
+  (these run as the fused kernels); ``PiecewiseLeakyReLU`` with c ≠ 0, ``PiecewiseExp``, ``SoftSign``,
+  ``SuperSpike`` and ``Erf`` have their formulas in ``rc.nn.surrogate`` (PyTorch spike pass).
+
+Refused, with the reason: subclasses of these neurons (they may change the dynamics), other
+surrogates or a surrogate with ``spiking=False``, ``store_v_seq=True`` (the compiled step computes no
+membrane to store), a neuron holding a membrane from an earlier call (SpikingJelly keeps state until
+``functional.reset_net``), and ``layer.Dropout`` (its mask is module state shared over the steps of
+a sequence; not supported yet). The layers ``layer.*`` and containers (``SeqToANNContainer``,
+``MultiStepContainer``) are ordinary modules: the capture traces through them.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..families import LIFDynamics
+from ..nn import surrogate as ours
+from ..nn.multistep import register_state_reset
+from ..nn.spec import NeuronSpec, register_neuron
+from . import UnsupportedNeuron
+
+try:
+    from spikingjelly.activation_based import layer as _layer
+    from spikingjelly.activation_based import neuron as _neuron
+    from spikingjelly.activation_based import surrogate as _surrogate
+except ImportError:          # an older SpikingJelly, or a class that only claims to come from it
+    _neuron = None
+
+__all__ = []
+
+
+def surrogate_of(sg) -> ours.Surrogate:
+    """Our surrogate for a SpikingJelly surrogate module, or UnsupportedNeuron."""
+    if not getattr(sg, "spiking", False):
+        raise UnsupportedNeuron(f"its surrogate {type(sg).__name__} has spiking=False: its forward is the smooth "
+                                f"primitive function, not a spike")
+    kind = type(sg)
+    if kind is _surrogate.Sigmoid:
+        return ours.Sigmoid(float(sg.alpha))
+    if kind is _surrogate.ATan:
+        return ours.ATan(float(sg.alpha))
+    if kind is _surrogate.Rect:
+        return ours.Rectangular(1.0 / float(sg.alpha))
+    if kind is _surrogate.PiecewiseQuadratic:
+        return ours.Triangle(1.0 / float(sg.alpha))
+    if kind is _surrogate.PiecewiseLeakyReLU:
+        w, c = float(sg.w), float(sg.c)
+        return ours.Rectangular(2.0 * w) if c == 0.0 else ours.PiecewiseLeakyReLU(w, c)
+    if kind is _surrogate.PiecewiseExp:
+        return ours.PiecewiseExp(float(sg.alpha))
+    if kind is _surrogate.SoftSign:
+        return ours.SoftSign(float(sg.alpha))
+    if kind is _surrogate.SuperSpike:
+        return ours.SuperSpike(float(sg.alpha), 1.0)
+    if kind is _surrogate.Erf:
+        return ours.Erf(float(sg.alpha))
+    raise UnsupportedNeuron(f"its surrogate {kind.__qualname__} has no equivalent here (supported: Sigmoid, ATan, "
+                            f"Rect, PiecewiseQuadratic, PiecewiseLeakyReLU, PiecewiseExp, SoftSign, SuperSpike, Erf)")
+
+
+def _check_plain(m, classes) -> None:
+    if type(m) not in classes:
+        raise UnsupportedNeuron(f"it is a subclass of SpikingJelly's {type(m).__mro__[1].__name__}, which may "
+                                f"change its dynamics; register it with ratebp_compile.nn.register_neuron")
+    if getattr(m, "store_v_seq", False):
+        raise UnsupportedNeuron("store_v_seq=True records the membrane of every step, which the compiled step "
+                                "does not compute")
+    if getattr(m, "_neuron_precision", None) is not None:
+        raise UnsupportedNeuron("a neuron precision is set; the compiled step runs in the input's dtype")
+    if isinstance(m.v, torch.Tensor):
+        raise UnsupportedNeuron("it holds a membrane potential from an earlier call (SpikingJelly keeps it until "
+                                "functional.reset_net(model)); reset the network before each batch")
+
+
+def _spec(m, decay, params=()) -> NeuronSpec:
+    _check_plain(m, (_neuron.LIFNode, _neuron.IFNode, _neuron.ParametricLIFNode))
+    v_reset = None if m.v_reset is None else float(m.v_reset)
+    dynamics = LIFDynamics(decay=decay, decay_input=bool(getattr(m, "decay_input", False)),
+                           v_threshold=float(m.v_threshold), v_reset=v_reset, detach_reset=bool(m.detach_reset),
+                           surrogate=surrogate_of(m.surrogate_function), v_rest=v_reset or 0.0)
+    return NeuronSpec(dynamics, param_names=params)
+
+
+def _lif(m) -> NeuronSpec:
+    return _spec(m, 1.0 - 1.0 / float(m.tau))
+
+
+def _if(m) -> NeuronSpec:
+    return _spec(m, 1.0)
+
+
+def _plif(m) -> NeuronSpec:
+    return _spec(m, None, ("w",))
+
+
+def _dropout(m):
+    raise UnsupportedNeuron("SpikingJelly's layer.Dropout keeps one mask per sequence as module state, shared "
+                            "over the steps; it is not supported yet")
+
+
+def _single_step(m) -> bool:
+    return getattr(m, "step_mode", "s") == "s"
+
+
+if _neuron is not None:
+    register_neuron(_neuron.LIFNode, _lif, single_step=_single_step)
+    register_neuron(_neuron.IFNode, _if, single_step=_single_step)
+    register_neuron(_neuron.ParametricLIFNode, _plif, single_step=_single_step)
+    register_neuron(_layer.Dropout, _dropout)
+    for cls in (_neuron.LIFNode, _neuron.IFNode, _neuron.ParametricLIFNode):
+        register_state_reset(cls, lambda m: m.reset())

@@ -1,0 +1,22 @@
+"""The scripts in examples/ run and learn (each one a short training run)."""
+import importlib.util
+import pathlib
+
+import pytest
+
+EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_spikingjelly_digits_learns():
+    from tests.interop.conftest import require_spikingjelly
+    require_spikingjelly()
+    pytest.importorskip("sklearn")
+    accuracy = _load("spikingjelly_digits").main(["--epochs", "2"])
+    assert accuracy > 0.6
