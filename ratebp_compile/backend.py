@@ -36,6 +36,7 @@ from torch import nn
 from .capture import propagate_shapes
 from .errors import RateBPError, user_frame
 from .marks import neuron_mode, step_settings
+from .nn.spec import neuron_op
 from .oprules import arg, is_module_state
 from .options import StepOptions, step_kind
 from .passes.batchnorm_parts import is_batchnorm
@@ -127,7 +128,7 @@ def _has_neurons(gm: fx.GraphModule) -> bool:
         op = target.default if isinstance(target, torch._ops.OpOverloadPacket) else target
         return isinstance(op, torch._ops.OpOverload) and op.namespace == "ratebp"
 
-    return any(n.op == "call_function" and ours(n.target) for n in gm.graph.nodes)
+    return any(n.op == "call_function" and (ours(n.target) or neuron_op(n.target) is not None) for n in gm.graph.nodes)
 
 
 def _where(stack) -> str:

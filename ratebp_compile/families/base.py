@@ -148,6 +148,19 @@ class Family:
         spikes, carry = self.scan(x_seq, None, params)
         return (spikes,) + self.finish(carry, params, x_seq.dtype)
 
+    @torch.no_grad()
+    def final_membrane(self, x_seq: torch.Tensor, params: Params) -> torch.Tensor:
+        """The membrane after the last step of ``x_seq`` from rest, in the neuron's own volts: what a
+        library that keeps its state hands back to the module after a sequence."""
+        state = self.init_state(x_seq[0])
+        for t in range(x_seq.shape[0]):
+            _, state = self.step(x_seq[t], state, params)
+        return self.membrane(state)
+
+    def membrane(self, state: tuple) -> torch.Tensor:
+        """The membrane potential in a state of :meth:`step` (its first element unless said otherwise)."""
+        return state[0]
+
     # -- fused kernels -------------------------------------------------------------------------
     def fusable(self, x) -> bool:
         """Whether this neuron on input ``x`` (a tensor or fake tensor) runs as fused kernels."""

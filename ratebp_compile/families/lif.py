@@ -101,6 +101,9 @@ class LIFDynamics(Family):
         s = spike(h - self._threshold, self.surrogate, strict=self.strict)
         return s, (M.reset(h, s.detach() if self.detach_reset else s, self._threshold, self._reset_to),)
 
+    def membrane(self, state):
+        return state[0] + self.v_rest if self.v_rest else state[0]
+
     def describe(self) -> str:
         if self.learned_decay:
             parts = ["λ learned" + (", decay_input" if self.decay_input else "")]

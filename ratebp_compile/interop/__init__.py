@@ -14,10 +14,12 @@ from __future__ import annotations
 import importlib
 from typing import Optional, Set
 
-__all__ = ["UnsupportedNeuron", "load_for", "library_of", "LIBRARIES", "PORTING"]
+__all__ = ["UnsupportedNeuron", "load_for", "load_for_op", "library_of", "LIBRARIES", "PORTING"]
 
 #: Top-level package → the module here that adapts it.
 LIBRARIES = {"spikingjelly": "spikingjelly", "snntorch": "snntorch", "norse": "norse"}
+#: Custom-op namespaces (what torch.compile records of a library's neurons) → the library.
+OP_NAMESPACES = {"sj_lif": "spikingjelly", "sj_if": "spikingjelly", "sj_plif": "spikingjelly"}
 PORTING = "docs/porting.md"
 
 _loaded: Set[str] = set()
@@ -37,6 +39,18 @@ def load_for(module) -> None:
     """Import the adapter of the library ``module``'s class (or a base class) comes from, once."""
     for cls in type(module).__mro__:
         lib = library_of(cls)
-        if lib is not None and lib not in _loaded:
-            _loaded.add(lib)
-            importlib.import_module(f"{__name__}.{LIBRARIES[lib]}")
+        if lib is not None:
+            _load(lib)
+
+
+def _load(lib: str) -> None:
+    if lib not in _loaded:
+        _loaded.add(lib)
+        importlib.import_module(f"{__name__}.{LIBRARIES[lib]}")
+
+
+def load_for_op(qualified_name: str) -> None:
+    """Import the adapter of the library whose custom op ``qualified_name`` (``"sj_lif::forward"``) is."""
+    lib = OP_NAMESPACES.get(qualified_name.split("::")[0])
+    if lib is not None:
+        _load(lib)

@@ -28,7 +28,7 @@ import torch
 from ..families import LIFDynamics
 from ..nn import surrogate as ours
 from ..nn.multistep import register_state_reset
-from ..nn.spec import NeuronSpec, register_neuron
+from ..nn.spec import NeuronOp, NeuronSpec, register_neuron, register_neuron_op
 from . import UnsupportedNeuron
 
 try:
@@ -121,3 +121,33 @@ if _neuron is not None:
     register_neuron(_layer.Dropout, _dropout)
     for cls in (_neuron.LIFNode, _neuron.IFNode, _neuron.ParametricLIFNode):
         register_state_reset(cls, lambda m: m.reset())
+
+
+# -- the neurons as torch.compile records them: SpikingJelly's own custom ops ---------------------------
+# (``functional.lif_multi_step`` & co. call them for a built-in surrogate with a scalar alpha; their
+# arguments carry every constant; output 1 is the membrane after the last step, which Dynamo writes
+# back to the module, output 2 the membranes before reset, internal to its backward)
+_OP_SURROGATES = {0: ours.Sigmoid, 1: ours.ATan, 2: lambda a: ours.Triangle(1.0 / a), 3: ours.PiecewiseExp,
+                  4: ours.SoftSign, 5: lambda a: ours.SuperSpike(a, 1.0), 6: ours.Erf}
+
+
+def _op_form(args: dict, decay, params=(), decay_input: bool = False) -> NeuronOp:
+    if args.get("store_v_seq"):
+        raise UnsupportedNeuron("store_v_seq=True records the membrane of every step, which the compiled step "
+                                "does not compute")
+    surrogate = _OP_SURROGATES.get(int(args["surrogate_id"]))
+    if surrogate is None:
+        raise UnsupportedNeuron(f"its surrogate (SpikingJelly's op id {args['surrogate_id']}) has no equivalent here")
+    reset = args["reset"]
+    v_reset = None if reset is None else float(reset)
+    dynamics = LIFDynamics(decay=decay, decay_input=decay_input, v_threshold=float(args["threshold"]),
+                           v_reset=v_reset, detach_reset=bool(args["detach_reset"]),
+                           surrogate=surrogate(float(args["alpha"])), v_rest=v_reset or 0.0)
+    return NeuronOp(NeuronSpec(dynamics, param_names=("w",) if params else ()), x="x", params=tuple(params),
+                    state="v", rest=v_reset or 0.0, outputs=("spikes", "membrane", "internal"))
+
+
+register_neuron_op("sj_lif::forward", lambda a: _op_form(a, 1.0 - 1.0 / float(a["tau"]),
+                                                         decay_input=bool(a["decay_input"])))
+register_neuron_op("sj_if::forward", lambda a: _op_form(a, 1.0))
+register_neuron_op("sj_plif::forward", lambda a: _op_form(a, None, ("w",), decay_input=bool(a["decay_input"])))

@@ -18,8 +18,8 @@ import torch
 
 from ..families import Family
 
-__all__ = ["NeuronSpec", "CallForm", "register_neuron", "neuron_spec", "cell_spec", "call_form", "is_single_step",
-           "registered_neuron_types"]
+__all__ = ["NeuronSpec", "CallForm", "NeuronOp", "FinalMembrane", "register_neuron", "register_neuron_op",
+           "neuron_op", "neuron_spec", "cell_spec", "call_form", "is_single_step", "registered_neuron_types"]
 
 
 @dataclass(frozen=True)
@@ -247,3 +247,59 @@ def call_form(module: torch.nn.Module) -> CallForm:
     ``rc.nn``'s neurons and for classes registered without one."""
     cls = _registered_class(module)
     return _CALL_FORM[cls](module) if cls is not None and cls in _CALL_FORM else PLAIN_CALL
+
+
+# -- neurons as other libraries' custom ops (what torch.compile records) ------------------------------
+@dataclass(frozen=True)
+class NeuronOp:
+    """A neuron that appears in a torch.compile graph as one call of a library's custom op, read from the
+    op's arguments (by name): the neuron's ``spec``; the argument holding its input ``x`` and those
+    holding its learnable ``params``; the argument carrying its initial ``state`` (None: none), which
+    must be the resting potential ``rest`` filled like one step of the input; and the role of each of
+    the op's outputs: "spikes", "membrane" (the membrane after the last step, which Dynamo hands back
+    to the module), or "internal" (must go unused)."""
+
+    spec: NeuronSpec
+    x: str
+    params: Tuple[str, ...] = ()
+    state: Optional[str] = None
+    rest: float = 0.0
+    outputs: Tuple[str, ...] = ("spikes",)
+
+
+_NEURON_OPS: Dict[str, Callable[[dict], NeuronOp]] = {}
+
+
+def register_neuron_op(qualified_name: str, parse: Callable[[dict], NeuronOp]) -> None:
+    """Teach the compiler a neuron op of another library (``"sj_lif::forward"``): ``parse(args)`` gets the
+    op's arguments by name and returns its :class:`NeuronOp` (or raises ``interop.UnsupportedNeuron``)."""
+    _NEURON_OPS[qualified_name] = parse
+
+
+def neuron_op(target) -> Optional[Callable[[dict], NeuronOp]]:
+    """The parser of a registered neuron op ``target`` (an op overload or packet), loading the adapter of
+    the library that defines it; None for any other target."""
+    from ..interop import load_for_op
+
+    packet = getattr(target, "_overloadpacket", target)
+    name = getattr(packet, "_qualified_op_name", None)
+    if not isinstance(name, str):
+        return None
+    load_for_op(name)
+    return _NEURON_OPS.get(name)
+
+
+@dataclass(frozen=True)
+class FinalMembrane:
+    """Graph call target: the membrane of neuron ``spec`` after the last step of its input, from rest,
+    without autograd (``FinalMembrane(spec)(x, *params)``), for a library that hands it back to the
+    module after each sequence."""
+
+    spec: NeuronSpec
+
+    @property
+    def __name__(self) -> str:  # noqa: A003
+        return self.spec.dynamics.name + "_final_membrane"
+
+    def __call__(self, x: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
+        return self.spec.dynamics.final_membrane(self.spec._unmerge(x), params)

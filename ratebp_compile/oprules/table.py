@@ -17,6 +17,8 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
+from ..nn.spec import FinalMembrane
+
 __all__ = ["OpInfo", "op_info", "is_inplace_method"]
 
 
@@ -152,6 +154,7 @@ def _build_function_table() -> Tuple[Dict[Any, OpInfo], Dict[str, OpInfo]]:
 
 
 _FUNCTIONS, _METHODS = _build_function_table()
+_FINAL_MEMBRANE = OpInfo("state", "final_membrane", False)
 
 
 def is_inplace_method(node: torch.fx.Node) -> bool:
@@ -161,6 +164,8 @@ def is_inplace_method(node: torch.fx.Node) -> bool:
 def op_info(node: torch.fx.Node, gm: torch.fx.GraphModule) -> Optional[OpInfo]:
     """The :class:`OpInfo` of a call node, or None for an op the table does not know."""
     if node.op == "call_function":
+        if isinstance(node.target, FinalMembrane):
+            return _FINAL_MEMBRANE
         try:
             return _FUNCTIONS.get(node.target)
         except TypeError:  # unhashable target

@@ -10,8 +10,8 @@ import torch.fx as fx
 from ..families.lif import spec_from_op_args
 from ..kernels.lif import op_arguments
 from ..errors import RateBPError, describe_node
-from ..interop import PORTING
-from ..nn.spec import NeuronSpec, call_form, neuron_spec
+from ..interop import PORTING, UnsupportedNeuron
+from ..nn.spec import FinalMembrane, NeuronSpec, call_form, neuron_op, neuron_spec
 from .infra import PassResult, at_node, constant_value, copy_meta, postcondition, require
 
 __all__ = ["normalize_neurons"]
@@ -65,10 +65,67 @@ def _normalize_op_form(gm: fx.GraphModule, node: fx.Node) -> None:
     gm.graph.erase_node(node)
 
 
+def _at_rest(value, rest: float) -> bool:
+    """Whether a neuron op's initial state is the resting potential filled like one step of its input
+    (``torch.full_like(x[0], rest)``, as a library that keeps its state builds it after a reset)."""
+    if not (isinstance(value, fx.Node) and value.op == "call_function" and value.target is torch.full_like):
+        return False
+    fill = value.args[1] if len(value.args) > 1 else value.kwargs.get("fill_value")
+    return isinstance(fill, (int, float)) and float(fill) == float(rest)
+
+
+def _normalize_library_op(gm: fx.GraphModule, node: fx.Node, parse) -> None:
+    """A neuron another library runs as its own custom op (``sj_lif::forward(x, v, tau, ...)``, as Dynamo
+    records a SpikingJelly ``LIFNode``) → ``spec(x, *params)``; its final membrane, which Dynamo hands
+    back to the module, → ``FinalMembrane(spec)(x, *params)``."""
+    args = op_arguments(node)
+    where = f"{describe_node(node, gm)} (neuron '{_module_path(node)}')"
+    try:
+        form = parse(args)
+    except UnsupportedNeuron as e:
+        raise RateBPError(f"normalize_neurons: {where} cannot be compiled: {e} See {PORTING}.") from None
+    if form.state is not None and not _at_rest(args[form.state], form.rest):
+        raise RateBPError(f"normalize_neurons: {where} starts from a membrane that is not at rest (the module still "
+                          f"holds the state of an earlier call): the compiled step always starts from rest; reset "
+                          f"the network before each batch. See {PORTING}.")
+    x, params = args[form.x], [args[name] for name in form.params]
+    users = list(node.users)
+    for u in users:
+        role = form.outputs[u.args[1]] if u.target is operator.getitem else None
+        if role is None or (role == "internal" and u.users):
+            raise RateBPError(f"normalize_neurons: {where}: only its spikes and its final membrane may be used")
+    with gm.graph.inserting_before(node):
+        new = gm.graph.call_function(form.spec, (x, *params))
+        final = gm.graph.call_function(FinalMembrane(form.spec), (x, *params)) \
+            if any(form.outputs[u.args[1]] == "membrane" and u.users for u in users) else None
+    spikes_user = next((u for u in users if form.outputs[u.args[1]] == "spikes"), None)
+    copy_meta(new, node, "normalize_neurons", spikes_user.meta.get("val") if spikes_user is not None else None)
+    new.meta["ratebp.neuron"] = form.spec
+    new.meta["ratebp.module"] = _module_path(node)
+    for u in users:
+        role = form.outputs[u.args[1]]
+        if role == "membrane" and final is not None:
+            copy_meta(final, u, "normalize_neurons", u.meta.get("val"))
+        u.replace_all_uses_with(new if role == "spikes" else final)
+        gm.graph.erase_node(u)
+    gm.graph.erase_node(node)
+    if form.state is not None:           # full_like(x[0], rest): nothing else reads it
+        dead = args[form.state]
+        while isinstance(dead, fx.Node) and not dead.users and dead.op == "call_function" and \
+                dead.target in (torch.full_like, operator.getitem):
+            source = dead.args[0]
+            gm.graph.erase_node(dead)
+            dead = source
+
+
 def _normalize(gm: fx.GraphModule, node: fx.Node) -> bool:
     """Replace ``node`` by its neuron's spec call if it is a neuron; whether it was."""
     if node.op == "call_function" and node.target in _op_forms():
         _normalize_op_form(gm, node)
+        return True
+    parse = neuron_op(node.target) if node.op == "call_function" else None
+    if parse is not None:
+        _normalize_library_op(gm, node, parse)
         return True
     if node.op != "call_module":
         return False

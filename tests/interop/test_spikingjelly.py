@@ -122,3 +122,46 @@ def test_dropout_is_refused_clearly():
     model = torch.nn.Sequential(layer.Linear(4, 6), neuron.LIFNode(step_mode="m"), layer.Dropout(0.5, step_mode="m"))
     with pytest.raises(rc.RateBPError, match=r"module '2' .*Dropout keeps one mask per sequence"):
         rc.transform(model)(torch.rand(3, 2, 4))
+
+
+# -- torch.compile(model, backend="ratebp"): Dynamo records SpikingJelly's neurons as its own custom ops ----
+BACKEND = ["mlp_lif", "plif", "lif_vreset_neg", "if_soft_reset_detach", "lif_no_decay_input", "conv_maxpool",
+           "mlp_sg_erf"]
+
+
+@pytest.mark.parametrize("method", ["ratebp", "bptt"])
+@pytest.mark.parametrize("name", BACKEND)
+def test_backend_equals_the_references_and_hands_back_the_membrane(name, method):
+    spec = MODELS[name]
+    model = spec.build(0)
+    peer = copy.deepcopy(model)
+    x = spec.make_input(spec.T, H.B_DEFAULT, 0)
+    reference = H.peer_rate_grads if method == "ratebp" else H.peer_bptt_grads
+    theirs, peer_out = reference(copy.deepcopy(model), x, spec.loss)
+    functional.reset_net(peer)
+    with torch.no_grad():
+        peer(x)                                      # SpikingJelly's own forward leaves each neuron's last v
+    torch._dynamo.reset()
+    functional.reset_net(model)
+    compiled = torch.compile(model, backend="ratebp", options={"compiler": "eager", "method": method})
+    with inputs_unchanged(x), warnings.catch_warnings():
+        warnings.simplefilter("ignore", rc.ApproximationWarning)
+        out = compiled(x)
+        spec.loss(out).backward()
+    torch.testing.assert_close(out, peer_out, rtol=RTOL, atol=ATOL)
+    _assert_grads({n: p.grad for n, p in model.named_parameters()}, theirs, name)
+    for (path, ours), theirs_v in zip(H.neuron_modules(model), [m.v for _, m in H.neuron_modules(peer)]):
+        torch.testing.assert_close(ours.v, theirs_v, rtol=RTOL, atol=ATOL, msg=path)   # Dynamo wrote it back
+
+
+def test_backend_refuses_a_step_that_does_not_start_from_rest():
+    spec = MODELS["mlp_lif"]
+    model = spec.build(0)
+    x = spec.make_input(spec.T, H.B_DEFAULT, 0)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="ratebp", options={"compiler": "eager"})
+    spec.loss(compiled(x)).backward()
+    with pytest.raises(Exception, match=r"not at rest.*reset the network before each batch"):
+        compiled(x)                                  # no functional.reset_net(model) in between
+    functional.reset_net(model)
+    spec.loss(compiled(x)).backward()
