@@ -165,3 +165,21 @@ def test_backend_refuses_a_step_that_does_not_start_from_rest():
         compiled(x)                                  # no functional.reset_net(model) in between
     functional.reset_net(model)
     spec.loss(compiled(x)).backward()
+
+
+def test_a_monitor_hook_on_a_spikingjelly_neuron_sees_its_spikes():
+    """SpikingJelly's monitors (``monitor.OutputMonitor``) are forward hooks on its neurons: they run once
+    per step on the spike pass's spikes, as in SpikingJelly's own forward."""
+    spec = MODELS["mlp_lif"]
+    model, peer = spec.build(0), spec.build(0)
+    x = spec.make_input(spec.T, H.B_DEFAULT, 0)
+    records = {"ours": [], "theirs": []}
+    for net, key in ((model, "ours"), (peer, "theirs")):
+        for _, m in H.neuron_modules(net):
+            m.register_forward_hook(lambda mod, inp, out, key=key: records[key].append(out.detach().clone()))
+    functional.reset_net(peer)
+    peer(x)
+    _step(model, x, spec.loss, "ratebp")
+    assert len(records["ours"]) == len(records["theirs"]) == len(H.neuron_modules(model))
+    for ours, theirs in zip(records["ours"], records["theirs"]):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
