@@ -1,4 +1,6 @@
-"""SpikingJelly 2.x (``spikingjelly.activation_based``): its LIF, IF and ParametricLIF neurons.
+"""SpikingJelly's LIF, IF and ParametricLIF neurons: 2.x (``spikingjelly.activation_based``) and 0.0.0.0.14
+(``spikingjelly.clock_driven``, the API of the rate-based paper's code: ``LIFNode`` & co. take one step per
+call, ``MultiStepLIFNode`` & co. the sequence).
 
 What maps to what (``docs/porting.md`` has the table and the defaults that differ from ``rc.nn``):
 
@@ -23,6 +25,9 @@ a sequence; not supported yet). The layers ``layer.*`` and containers (``SeqToAN
 """
 from __future__ import annotations
 
+import importlib
+import importlib.metadata
+
 import torch
 
 from ..families import LIFDynamics
@@ -31,14 +36,23 @@ from ..nn.multistep import register_state_reset
 from ..nn.spec import NeuronOp, NeuronSpec, register_neuron, register_neuron_op
 from . import UnsupportedNeuron
 
-try:
-    from spikingjelly.activation_based import layer as _layer
-    from spikingjelly.activation_based import neuron as _neuron
-    from spikingjelly.activation_based import surrogate as _surrogate
-except ImportError:          # an older SpikingJelly, or a class that only claims to come from it
-    _neuron = None
-
 __all__ = []
+
+
+def _api(package: str, min_major: int = 0):
+    """(neuron, layer, surrogate) of one of SpikingJelly's APIs, or None: ``activation_based`` as of 2.x
+    (0.0.0.0.x ship an early, different version of it), ``clock_driven`` (0.0.0.0.x)."""
+    try:
+        major = int(importlib.metadata.version("spikingjelly").split(".")[0])
+        if major < min_major:
+            return None
+        return tuple(importlib.import_module(f"spikingjelly.{package}.{name}")
+                     for name in ("neuron", "layer", "surrogate"))
+    except (ImportError, importlib.metadata.PackageNotFoundError, ValueError):
+        return None            # not installed, or a class that only claims to come from SpikingJelly
+
+
+_APIS = {"activation_based": _api("activation_based", min_major=2), "clock_driven": _api("clock_driven")}
 
 
 def surrogate_of(sg) -> ours.Surrogate:
@@ -47,22 +61,27 @@ def surrogate_of(sg) -> ours.Surrogate:
         raise UnsupportedNeuron(f"its surrogate {type(sg).__name__} has spiking=False: its forward is the smooth "
                                 f"primitive function, not a spike")
     kind = type(sg)
+    clock_driven = kind.__module__.startswith("spikingjelly.clock_driven")
+    api = _APIS["clock_driven" if clock_driven else "activation_based"]
+    if api is None:
+        raise UnsupportedNeuron(f"its surrogate {kind.__qualname__} comes from a SpikingJelly API not supported here")
+    _surrogate = api[2]
     if kind is _surrogate.Sigmoid:
         return ours.Sigmoid(float(sg.alpha))
     if kind is _surrogate.ATan:
         return ours.ATan(float(sg.alpha))
-    if kind is _surrogate.Rect:
+    if kind is getattr(_surrogate, "Rect", None):
         return ours.Rectangular(1.0 / float(sg.alpha))
     if kind is _surrogate.PiecewiseQuadratic:
         return ours.Triangle(1.0 / float(sg.alpha))
-    if kind is _surrogate.PiecewiseLeakyReLU:
+    if kind is _surrogate.PiecewiseLeakyReLU and not clock_driven:    # 0.0.0.0.14's is 1/w inside, not 1/(2w)
         w, c = float(sg.w), float(sg.c)
         return ours.Rectangular(2.0 * w) if c == 0.0 else ours.PiecewiseLeakyReLU(w, c)
     if kind is _surrogate.PiecewiseExp:
         return ours.PiecewiseExp(float(sg.alpha))
     if kind is _surrogate.SoftSign:
         return ours.SoftSign(float(sg.alpha))
-    if kind is _surrogate.SuperSpike:
+    if kind is getattr(_surrogate, "SuperSpike", None):
         return ours.SuperSpike(float(sg.alpha), 1.0)
     if kind is _surrogate.Erf:
         return ours.Erf(float(sg.alpha))
@@ -85,7 +104,10 @@ def _check_plain(m, classes) -> None:
 
 
 def _spec(m, decay, params=()) -> NeuronSpec:
-    _check_plain(m, (_neuron.LIFNode, _neuron.IFNode, _neuron.ParametricLIFNode))
+    _check_plain(m, _NEURONS)
+    if getattr(m, "backend", "torch") not in ("torch", "cupy"):
+        raise UnsupportedNeuron(f"backend={m.backend!r}: only the 'torch' and 'cupy' backends compute the "
+                                f"differentiable neuron")
     v_reset = None if m.v_reset is None else float(m.v_reset)
     dynamics = LIFDynamics(decay=decay, decay_input=bool(getattr(m, "decay_input", False)),
                            v_threshold=float(m.v_threshold), v_reset=v_reset, detach_reset=bool(m.detach_reset),
@@ -114,13 +136,29 @@ def _single_step(m) -> bool:
     return getattr(m, "step_mode", "s") == "s"
 
 
-if _neuron is not None:
+_NEURONS: tuple = ()
+if _APIS["activation_based"] is not None:
+    _neuron, _layer, _ = _APIS["activation_based"]
+    _NEURONS += (_neuron.LIFNode, _neuron.IFNode, _neuron.ParametricLIFNode)
     register_neuron(_neuron.LIFNode, _lif, single_step=_single_step)
     register_neuron(_neuron.IFNode, _if, single_step=_single_step)
     register_neuron(_neuron.ParametricLIFNode, _plif, single_step=_single_step)
     register_neuron(_layer.Dropout, _dropout)
-    for cls in (_neuron.LIFNode, _neuron.IFNode, _neuron.ParametricLIFNode):
-        register_state_reset(cls, lambda m: m.reset())
+if _APIS["clock_driven"] is not None:
+    # 0.0.0.0.14: IFNode, LIFNode, ParametricLIFNode take one step per call; their MultiStep* subclasses
+    # the whole sequence (backend 'torch' loops the single step, 'cupy' runs CUDA kernels: same math)
+    _neuron, _layer, _ = _APIS["clock_driven"]
+    _NEURONS += (_neuron.LIFNode, _neuron.IFNode, _neuron.ParametricLIFNode, _neuron.MultiStepLIFNode,
+                 _neuron.MultiStepIFNode, _neuron.MultiStepParametricLIFNode)
+    for single, multi, to_spec in ((_neuron.LIFNode, _neuron.MultiStepLIFNode, _lif),
+                                   (_neuron.IFNode, _neuron.MultiStepIFNode, _if),
+                                   (_neuron.ParametricLIFNode, _neuron.MultiStepParametricLIFNode, _plif)):
+        register_neuron(multi, to_spec)
+        register_neuron(single, to_spec, single_step=lambda m: True)
+    register_neuron(_layer.Dropout, _dropout)
+    register_neuron(_layer.MultiStepDropout, _dropout)
+for _cls in _NEURONS:
+    register_state_reset(_cls, lambda m: m.reset())
 
 
 # -- the neurons as torch.compile records them: SpikingJelly's own custom ops ---------------------------
