@@ -29,7 +29,7 @@ from __future__ import annotations
 import inspect
 import traceback
 from contextlib import contextmanager
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Set, Tuple
 
 import torch
 import torch.fx as fx
@@ -165,6 +165,7 @@ class _ShapedTracer(_SNNTracer):
         self.example_args = list(example_args)
         self.specs = specs                   # the neurons' specs, read before tracing (see neuron_specs)
         self.refused = refused               # neurons in a setting the compiler cannot honour, with why
+        self.stored_state: Set[torch.nn.Module] = set()   # neurons called without their state: they use theirs
         self.fake_mode = FakeTensorMode()
         self._fakes: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}   # id(real) -> (real, fake)
         self._placeholder_index = 0
@@ -229,6 +230,8 @@ class _ShapedTracer(_SNNTracer):
             module = self.root.get_submodule(node.target)
             spec = self.specs.get(module)
             if spec is not None or is_single_step(module):
+                if len(args) < 1 + call_form(module).state_args:
+                    self.stored_state.add(module)
                 return _neuron_outputs(module, spec, args)
             with _fake_parameters_and_buffers(module, self.fake), _numeric_momentum(module), \
                     self._buffers_as_values():
@@ -297,6 +300,7 @@ def capture(model: torch.nn.Module, example_args: Sequence[Any]) -> fx.GraphModu
         raise RateBPError(f"cannot capture {type(model).__name__}: {type(e).__name__}: {e} at {_frame_of(e)}") from e
     gm.meta["ratebp.model"] = type(model).__name__
     gm.meta["ratebp.reads"] = dict(watch.reads)
+    gm.meta["ratebp.stored_state"] = set(tracer.stored_state)
     return gm
 
 

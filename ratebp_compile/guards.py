@@ -26,7 +26,7 @@ from .errors import RateBPError
 from .hooks import hook_state, hooked_modules
 from .interop import PORTING, UnsupportedNeuron
 from .nn.neuron import LIFFamily
-from .nn.spec import NeuronSpec, cell_spec, is_single_step, neuron_spec
+from .nn.spec import NeuronSpec, call_form, cell_spec, is_single_step, neuron_spec
 
 __all__ = ["Guards", "neuron_config"]
 
@@ -77,7 +77,7 @@ class Guards:
     attributes their forward read during capture. Each check has a fast path — the very same objects as
     at compile time — and compares values only when that fails."""
 
-    def __init__(self, model: nn.Module, reads: Dict[nn.Module, Set[str]]):
+    def __init__(self, model: nn.Module, reads: Dict[nn.Module, Set[str]], stored_state=()):
         self.paths = {}
         for path, m in model.named_modules():
             self.paths.setdefault(m, path or "<root>")
@@ -98,6 +98,9 @@ class Guards:
         self.attributes: List[Tuple[nn.Module, str, Any, Any]] = [
             (m, name, getattr(m, name), _frozen(getattr(m, name))) for m, names in reads.items()
             if m in self.paths for name in sorted(names) if hasattr(m, name)]
+        # neurons the forward calls without their state (they start from the one they hold): it must stay
+        # at rest, as the compiled step assumes
+        self.stored_state = [m for m in stored_state if m in self.paths]
         self.hooks = hook_state(modules)
         self.hooked = hooked_modules(model)          # their hooks run as nodes of the program
 
@@ -126,6 +129,12 @@ class Guards:
             current = getattr(m, name, _MISSING)
             if (current is not value or not isinstance(value, _PLAIN)) and _frozen(current) != frozen:
                 return f"'{self.paths[m]}.{name}', which the forward reads, changed"
+        for m in self.stored_state:
+            if not call_form(m).stored_at_rest(m):
+                raise RateBPError(f"the neuron '{self.paths[m]}' ({type(m).__qualname__}) holds a state that is not at "
+                                  f"rest (left by a call of the plain model), and the forward starts from the state "
+                                  f"it holds: the compiled step starts from rest. Reset the neurons before each "
+                                  f"batch. See {PORTING}.")
         if hook_state(self.modules) != self.hooks:
             return "a hook was registered or removed"
         return None

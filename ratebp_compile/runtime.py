@@ -181,7 +181,7 @@ class RateBPModule(nn.Module):
         _check_inputs(names, args, layouts)
         start = time.perf_counter()
         gm = capture(self._model, args)
-        guards = Guards(self._model, gm.meta["ratebp.reads"])
+        guards = Guards(self._model, gm.meta["ratebp.reads"], gm.meta.get("ratebp.stored_state", ()))
         program = compile_program(gm, self.options, layouts, time.perf_counter() - start, guards)
         object.__setattr__(self, "_compiles", self._compiles + 1)
         if reason is not None:

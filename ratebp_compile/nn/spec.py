@@ -146,11 +146,15 @@ class CallForm:
     at_rest:    whether a value given as a state argument to the first call of a loop (or to a
                 multi-step neuron) means "from rest" (default: None only). Anything else is refused:
                 the compiled step always starts from rest.
+    stored_at_rest: whether the state the module holds is at rest, for a first call that passes no
+                state (the module then starts from what it holds). Default: always (a neuron that
+                keeps no state, or whose ``to_spec`` checks it).
     """
 
     state_args: int = 0
     outputs: Tuple[str, ...] = ()
     at_rest: Callable[[object], bool] = field(default=lambda value: value is None, compare=False)
+    stored_at_rest: Callable[[torch.nn.Module], bool] = field(default=lambda module: True, compare=False)
 
     def __post_init__(self):
         if any(role not in ("spikes", "state") for role in self.outputs) or \

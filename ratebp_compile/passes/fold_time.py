@@ -54,16 +54,21 @@ def _cell_module(node, gm: fx.GraphModule):
     return None
 
 
+#: A state argument the call does not pass: the module starts from the state it holds.
+_STORED = object()
+
+
 def _state_args(node: fx.Node, gm: fx.GraphModule) -> List[object]:
     """The state a cell call receives from the previous step: a cell-step op's membrane, or the state
-    arguments of a neuron module whose calls carry their state explicitly (``lif(x, mem)``)."""
+    arguments of a neuron module whose calls carry their state explicitly (``lif(x, mem)``); ``_STORED``
+    for one the call leaves out."""
     if _is_cell_op(node):
         return [op_arguments(node)["v"]]
     module = _cell_module(node, gm)
     if module is None:
         return []
     form = call_form(module)
-    return [node.args[1 + i] if 1 + i < len(node.args) else None for i in range(form.state_args)]
+    return [node.args[1 + i] if 1 + i < len(node.args) else _STORED for i in range(form.state_args)]
 
 
 def _output_role(node: fx.Node, gm: fx.GraphModule) -> Optional[str]:
@@ -255,8 +260,14 @@ class _Folder:
                             f"the compiled step keeps a neuron's state inside it. Use its spikes for the loss "
                             f"(a firing rate or spike count). See {PORTING}.")
                 if k == 0:
-                    for value in _state_args(call, gm):
-                        if not form.at_rest(constant_value(gm, value)):
+                    given = _state_args(call, gm)
+                    if (not given or any(v is _STORED for v in given)) and not form.stored_at_rest(module):
+                        raise RateBPError(
+                            f"{PASS}: {describe_node(call, gm)} starts from the state the module holds, which is "
+                            f"not at rest (left by an earlier call): the compiled step always starts from rest; "
+                            f"reset the neurons before each batch. See {PORTING}.")
+                    for value in given:
+                        if value is not _STORED and not form.at_rest(constant_value(gm, value)):
                             raise RateBPError(
                                 f"{PASS}: {describe_node(call, gm)} starts from a state that is not at rest "
                                 f"({describe_node(value, gm) if isinstance(value, fx.Node) else repr(value)}): the "
@@ -265,7 +276,9 @@ class _Folder:
                 elif form.state_args:
                     previous = {u.args[1]: u for u in calls[k - 1].users if _output_role(u, gm) == "state"}
                     expected = [previous.get(i) for i, role in enumerate(form.outputs) if role == "state"]
-                    if any(a is not b for a, b in zip(_state_args(call, gm), expected)):
+                    given, before = _state_args(call, gm), _state_args(calls[k - 1], gm)
+                    implicit = all(v is _STORED for v in given + before)    # the module carries it itself
+                    if not implicit and any(a is not b for a, b in zip(given, expected)):
                         raise RateBPError(
                             f"{PASS}: {describe_node(call, gm)} at timestep {k} does not continue from the state its "
                             f"call at timestep {k - 1} returned; only a neuron's own state can be carried from "

@@ -139,6 +139,10 @@ def _normalize(gm: fx.GraphModule, node: fx.Node) -> bool:
                           f"{len(node.args)} positional and {len(node.kwargs)} keyword arguments; a neuron "
                           f"takes exactly one input tensor" + (f" and {form.state_args} state argument(s)"
                                                               if form.state_args else ""))
+    if len(node.args) < 1 + form.state_args and not form.stored_at_rest(module):
+        raise RateBPError(f"normalize_neurons: {describe_node(node, gm)} starts from the state the module holds, "
+                          f"which is not at rest (left by an earlier call): the compiled step always runs a "
+                          f"multi-step neuron from rest; reset it before each batch. See {PORTING}.")
     for value in node.args[1:]:
         if not form.at_rest(constant_value(gm, value)):
             raise RateBPError(f"normalize_neurons: {describe_node(node, gm)} is given a state that is not at rest: "

@@ -335,3 +335,54 @@ def test_explicit_state_used_outside_the_neuron_is_refused(model, pattern):
     with inputs_unchanged(x), pytest.raises(rc.RateBPError, match=pattern):
         rc.transform(m)(x)
     assert all(torch.equal(v, snap[k]) for k, v in m.state_dict().items())
+
+
+class StoredStateLIF(ExplicitStateLIF):
+    """Like ExplicitStateLIF, but a call that passes no state continues from the one the module stored."""
+
+    stored = None
+
+    def forward(self, x, v=None):
+        s, self.stored = super().forward(x, self.stored if v is None else v)
+        return s, self.stored
+
+
+rc.nn.register_neuron(StoredStateLIF, lambda m: NeuronSpec(m.dynamics), single_step=lambda m: True,
+                      call_form=lambda m: CallForm(state_args=1, outputs=("spikes", "state"),
+                                                   stored_at_rest=lambda m: m.stored is None))
+
+
+class StoredLoop(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.sn = nn.Linear(3, 5), StoredStateLIF()
+
+    def forward(self, x):
+        return torch.stack([self.sn(self.fc(x_t))[0] for x_t in x])
+
+
+def test_state_the_module_carries_itself_folds_and_must_start_at_rest():
+    model = StoredLoop().double()
+    x = torch.rand(4, 3, 3, dtype=torch.float64) * 2
+    plain = copy.deepcopy(model)
+    expected = plain(x)
+    with inputs_unchanged(x):
+        out = rc.transform(model, method="bptt")(x)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
+    assert expected.sum() > 0 and model.sn.stored is None      # the compiled step leaves the module's state alone
+    model.sn.stored = torch.ones(3, 5, dtype=torch.float64)      # as an eager call would leave it
+    with pytest.raises(rc.RateBPError, match=r"starts from the state the module holds, which is not at rest"):
+        rc.transform(model)(x)
+
+
+def test_a_compiled_step_refuses_a_stored_state_left_by_an_eager_call():
+    """The guard: a neuron the forward calls without its state must still be at rest at every step."""
+    model = StoredLoop().double()
+    x = torch.rand(4, 3, 3, dtype=torch.float64) * 2
+    tm = rc.transform(model, method="bptt")
+    tm(x)
+    model(x)                                                     # the plain model leaves its state behind
+    with pytest.raises(rc.RateBPError, match=r"neuron 'sn' \(StoredStateLIF\) holds a state that is not at rest"):
+        tm(x)
+    model.sn.stored = None
+    tm(x)
