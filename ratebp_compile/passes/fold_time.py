@@ -114,21 +114,19 @@ def _data_inputs(node: fx.Node, gm: Optional[fx.GraphModule] = None) -> List[fx.
     return node.all_input_nodes
 
 
-def _selected_step(node: fx.Node, temporal_inputs) -> Optional[int]:
-    """t if ``node`` selects timestep t of a ``[T, B, ...]`` input (``x[t]``, ``for x_t in x``,
+def _selection(node: fx.Node):
+    """``(source, t)`` if ``node`` selects index t along dimension 0 (``x[t]``, ``for x_t in x``,
     ``x.select(0, t)``), else None."""
     if (node.op == "call_method" and node.target == "select") or \
             (node.op == "call_function" and node.target is torch.select):
         args = list(node.args) + [node.kwargs.get(k) for k in ("dim", "index")][len(node.args) - 1:]
         source, dim, index = args[:3]
-        return index if source in temporal_inputs and dim == 0 and isinstance(index, int) else None
-    if node.op != "call_function" or node.target is not operator.getitem:
+        return (source, index) if dim == 0 and isinstance(index, int) and isinstance(source, fx.Node) else None
+    if node.op != "call_function" or node.target is not operator.getitem or not isinstance(node.args[0], fx.Node):
         return None
     source, index = node.args
-    if source not in temporal_inputs:
-        return None
-    first = index[0] if isinstance(index, tuple) and index else index
-    return first if isinstance(first, int) else None
+    first = index[0] if isinstance(index, tuple) and len(index) == 1 else index
+    return (source, first) if isinstance(first, int) else None
 
 
 def _label(node: fx.Node, selects: bool, gm: fx.GraphModule) -> tuple:
@@ -199,7 +197,7 @@ class _Folder:
         for node in self.gm.graph.nodes:
             inputs: Steps = frozenset().union(*[self.steps[a] for a in _data_inputs(node, self.gm)]) \
                 if node.all_input_nodes else _NO_STEPS
-            t = _selected_step(node, self.temporal_inputs)
+            t = self._selected_step(node)
             if t is not None:
                 self.selects[node] = t
                 inputs = frozenset({t % self.T})
@@ -218,6 +216,21 @@ class _Folder:
             if self._is_add(node) and len(self.steps[node]) > 1 and \
                     not any(self._is_add(u) and len(self.steps[u]) > 1 for u in node.users):
                 self.chains |= self._chain(node)
+
+    def _selected_step(self, node: fx.Node) -> Optional[int]:
+        """t if ``node`` selects timestep t of a ``[T, B, ...]`` sequence: an input, or a value computed
+        from the inputs before the loop (a multi-step layer's output the loop then reads step by step)."""
+        selection = _selection(node)
+        if selection is None:
+            return None
+        source, t = selection
+        if source in self.temporal_inputs:
+            return t
+        val = source.meta.get("val")
+        if source in self.per_sample and not self.steps.get(source) and isinstance(val, torch.Tensor) and \
+                val.dim() > 1 and val.shape[0] == self.T and 0 <= t < self.T:
+            return t
+        return None
 
     @staticmethod
     def _is_add(node) -> bool:

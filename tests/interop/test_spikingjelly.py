@@ -18,11 +18,8 @@ from spikingjelly.activation_based import functional, layer, neuron, surrogate  
 from tests.interop import spikingjelly_harness as H  # noqa: E402
 
 MODELS = {m.name: m for m in H.models()}
-# not yet: layer.Dropout (refused, see test_dropout_is_refused_clearly); single-step neurons inside a
-# MultiStepContainer after multi-step layers (the loop selects steps of an intermediate sequence, which
-# fold_time does not fold: refused with an error)
-NOT_YET = {"seq_to_ann"}
-RUNNABLE = [n for n, m in MODELS.items() if not m.dropout and n not in NOT_YET]
+# not yet: layer.Dropout (refused, see test_dropout_is_refused_clearly)
+RUNNABLE = [n for n, m in MODELS.items() if not m.dropout]
 # float32 arithmetic in another order than SpikingJelly's: a membrane within rounding of the threshold
 # may fire in one and not the other; the spike counts below must agree, the values to this tolerance
 RTOL, ATOL = 1e-4, 1e-5

@@ -386,3 +386,38 @@ def test_a_compiled_step_refuses_a_stored_state_left_by_an_eager_call():
         tm(x)
     model.sn.stored = None
     tm(x)
+
+
+class LoopAfterMultiStep(nn.Module):
+    """A multi-step layer, then a loop reading its output step by step (SpikingJelly's MultiStepContainer
+    after multi-step layers; Norse's multi-step LIF, then cells)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.sn1 = nn.Linear(3, 5), LIF(decay=0.4, v_threshold=0.5)
+        self.fc2, self.sn2 = nn.Linear(5, 2), LIFCell(decay=0.3, v_threshold=0.3)
+
+    def forward(self, x):
+        h = self.sn1(self.fc1(x))                                   # [T, B, 5]
+        return torch.stack([self.sn2(self.fc2(h[t])) for t in range(x.shape[0])])
+
+
+@pytest.mark.parametrize("method", ["bptt", "ratebp"])
+def test_a_loop_over_an_intermediate_sequence_folds(method):
+    model = LoopAfterMultiStep().double()
+    with torch.no_grad():
+        model.fc2.weight.abs_()
+    x = torch.rand(4, 3, 3, dtype=torch.float64) * 3
+    plain = copy.deepcopy(model)
+    expected = plain(x)
+    gm, _ = prepare(copy.deepcopy(model), [x], "fold_time")
+    assert sorted(n.target.time_steps or 0 for n in gm.graph.nodes if isinstance(n.target, NeuronSpec)) == [0, 4]
+    with inputs_unchanged(x):
+        out = rc.transform(model, method=method)(x)
+        out.sum().backward()
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
+    assert expected.sum() > 0
+    if method == "bptt":
+        expected.sum().backward()
+        for p, q in zip(model.parameters(), plain.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-12)
