@@ -41,7 +41,7 @@ from .errors import RateBPError, describe_node, user_frame
 from .interop import PORTING, UnsupportedNeuron
 from .hooks import ModuleHooks, check_hooks_supported, forward_hooks, hooked_modules, hooks_suspended
 from .nn.neuron import Neuron
-from .nn.spec import NeuronSpec, call_form, is_single_step, neuron_spec, registered_neuron_types
+from .nn.spec import NeuronSpec, call_form, cell_spec, is_single_step, neuron_spec, registered_neuron_types
 from .statewatch import StateWatch
 
 __all__ = ["capture", "propagate_shapes", "is_foreign_neuron"]
@@ -346,6 +346,8 @@ def neuron_specs(model: torch.nn.Module,
     for name, m in model.named_modules():
         try:
             spec = neuron_spec(m)
+            if spec is None and is_single_step(m):
+                cell_spec(m)                 # a single-step neuron's setting is checked here too
         except UnsupportedNeuron as e:
             if refused is None:
                 raise RateBPError(f"module '{name}' ({type(m).__module__}.{type(m).__qualname__}) cannot be "
@@ -438,15 +440,23 @@ def _fake_parameters_and_buffers(gm: fx.GraphModule, fake):
 
 @contextmanager
 def _restored_attributes(root: torch.nn.Module):
-    """Put back every attribute a module's forward sets while running on fake tensors (the state of
-    a single-step neuron, say)."""
-    saved = {m: dict(vars(m)) for m in root.modules()}
+    """Put back every attribute a module's forward sets while it is traced or runs on fake tensors (the
+    state of a single-step neuron, say, which another library may keep in a buffer its forward — or a
+    reset the user's forward calls — replaces: snnTorch's ``mem``, SpikingJelly's memories)."""
+    stores = ("_buffers", "_parameters", "_memories")
+    saved = {m: (dict(vars(m)), {name: dict(vars(m)[name]) for name in stores if isinstance(vars(m).get(name), dict)})
+             for m in root.modules()}
     try:
         yield
     finally:
-        for m, attrs in saved.items():
+        for m, (attrs, contents) in saved.items():
             for k in [k for k in vars(m) if k not in attrs]:
                 delattr(m, k)
             for k, v in attrs.items():
                 if vars(m).get(k, v) is not v:
                     object.__setattr__(m, k, v)
+            for name, entries in contents.items():
+                store = vars(m)[name]
+                if store.keys() != entries.keys() or any(store[k] is not v for k, v in entries.items()):
+                    store.clear()
+                    store.update(entries)

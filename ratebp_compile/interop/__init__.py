@@ -26,7 +26,12 @@ _loaded: Set[str] = set()
 
 
 class UnsupportedNeuron(Exception):
-    """A neuron of another library in a setting the compiler cannot honour; the message says why."""
+    """A neuron of another library in a setting the compiler cannot honour; the message says why (one or
+    more sentences: the errors that quote it go on after it)."""
+
+    def __str__(self) -> str:
+        text = super().__str__().rstrip()
+        return text if text.endswith(".") else text + "."
 
 
 def library_of(cls: type) -> Optional[str]:

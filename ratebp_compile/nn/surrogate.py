@@ -17,7 +17,9 @@ import torch
 from ..kernels.lif_math import surrogate_grad
 
 __all__ = ["Surrogate", "Sigmoid", "ATan", "Rectangular", "Triangle", "PiecewiseExp", "SoftSign", "SuperSpike", "Erf",
-           "PiecewiseLeakyReLU", "spike", "SURROGATES"]
+           "PiecewiseLeakyReLU", "spike", "SURROGATES",
+           "SignedStep", "StraightThrough", "StepGrad",
+           "Tanh", "Tent", "Circ", "HeaviErfc"]
 
 
 @dataclass(frozen=True)
@@ -199,3 +201,119 @@ def spike(x: torch.Tensor, surrogate: Surrogate, strict: bool = False) -> torch.
     if not isinstance(surrogate, Surrogate):
         raise TypeError(f"surrogate must be a ratebp_compile.nn.surrogate.Surrogate, got {surrogate!r}")
     return _SurrogateSpike.apply(x, surrogate, bool(strict))
+
+
+# -- snnTorch's surrogates ---------------------------------------------------------------------------
+# (snnTorch's fast_sigmoid(k) is SuperSpike(alpha=1, beta=k), its sigmoid(k) Sigmoid(alpha=k), its
+# atan(α) ATan(α); the three below have no equivalent above. No fused kernel: PyTorch spike pass.)
+@dataclass(frozen=True)
+class SignedStep(Surrogate):
+    """ψ(x) = +c where x < 0, −c where x ≥ 0: a signed step, not a triangle (snnTorch's ``triangular(c)``,
+    whose backward is exactly this)."""
+
+    c: float = 1.0
+
+    def grad(self, x):
+        return torch.where(x >= 0, torch.full_like(x, -self.c), torch.full_like(x, self.c))
+
+    @property
+    def width(self):
+        return self.c
+
+
+@dataclass(frozen=True)
+class StraightThrough(Surrogate):
+    """ψ(x) = 1: the gradient passes through the step unchanged (snnTorch's
+    ``straight_through_estimator()``); no shape parameter (``width`` is 1)."""
+
+    def grad(self, x):
+        return torch.ones_like(x)
+
+    @property
+    def width(self):
+        return 1.0
+
+
+@dataclass(frozen=True)
+class StepGrad(Surrogate):
+    """ψ(x) = Θ(x) = 1 where x > 0, else 0: the step itself as its own derivative, so only a neuron that
+    fired passes a gradient (snnTorch's ``heaviside()``); no shape parameter (``width`` is 1)."""
+
+    def grad(self, x):
+        return (x > 0).to(x.dtype)
+
+    @property
+    def width(self):
+        return 1.0
+
+
+# -- Norse's surrogates ------------------------------------------------------------------------------
+# (Norse 1.1's ``threshold(x, method, alpha)``: "super" is SuperSpike(alpha=1, beta=1) above — Norse
+# ignores its alpha; "triangle", "tanh", "circ", "heavi_erfc" are the four below, each computed with the
+# operations Norse's backward uses; "heaviside" has no gradient and is refused by the adapter. No fused
+# kernel: PyTorch spike pass.)
+@dataclass(frozen=True)
+class Tanh(Surrogate):
+    """ψ(x) = 1 − tanh(αx)², peak 1 (Norse's ``"tanh"``; the derivative of (1 + tanh(αx))/2 would be
+    α/2 times this)."""
+
+    alpha: float = 100.0
+
+    def grad(self, x):
+        return 1 - (x * self.alpha).tanh().pow(2)
+
+    @property
+    def width(self):
+        return self.alpha
+
+
+@dataclass(frozen=True)
+class Tent(Surrogate):
+    """ψ(x) = α·max(0, 1 − |x|): a triangle of half-width 1 and height α (Norse's ``"triangle"``; not
+    ``Triangle(w)``, which has unit area)."""
+
+    alpha: float = 100.0
+
+    def grad(self, x):
+        return self.alpha * torch.relu(1 - x.abs())
+
+    @property
+    def width(self):
+        return self.alpha
+
+
+@dataclass(frozen=True)
+class Circ(Surrogate):
+    """ψ(x) = α³/(α² + x²)^{3/2}, peak 1 (Norse's ``"circ"``), computed as Norse writes it:
+    2α·(1/(2√(α² + x²)) − x²/(2(α² + x²)^{3/2}))."""
+
+    alpha: float = 100.0
+
+    def grad(self, x):
+        a2 = self.alpha ** 2
+        x2 = x.pow(2)
+        return (-(x2 / (2 * (a2 + x2).pow(1.5))) + 1 / (2 * (a2 + x2).sqrt())) * 2 * self.alpha
+
+    @property
+    def width(self):
+        return self.alpha
+
+
+#: √π as Norse's "heavi_erfc" divides by it: the square root, in float32, of π rounded to float32.
+_SQRT_PI_FLOAT32 = float(torch.tensor(math.pi, dtype=torch.float32).sqrt())
+
+
+@dataclass(frozen=True)
+class HeaviErfc(Surrogate):
+    """ψ(x) = 2·exp(−(αx)²)/√π, peak 2/√π whatever α (Norse's ``"heavi_erfc"``; not ``Erf(α)``, whose
+    peak is α/√π). Like Norse, it divides by √π computed in float32 (1.7724539, 2e-8 relative below √π),
+    in float64 too."""
+
+    alpha: float = 100.0
+
+    def grad(self, x):
+        return (2 * torch.exp(-(self.alpha * x).pow(2))) / _SQRT_PI_FLOAT32
+
+    @property
+    def width(self):
+        return self.alpha

@@ -9,6 +9,7 @@ import torch
 
 import ratebp_compile as rc
 from tests.conftest import inputs_unchanged
+from tests.interop.common import ATOL, RTOL, assert_grads_close, train_step
 from tests.interop.conftest import require_spikingjelly
 
 require_spikingjelly()
@@ -20,33 +21,10 @@ from tests.interop import spikingjelly_harness as H  # noqa: E402
 MODELS = {m.name: m for m in H.models()}
 # not yet: layer.Dropout (refused, see test_dropout_is_refused_clearly)
 RUNNABLE = [n for n, m in MODELS.items() if not m.dropout]
-# float32 arithmetic in another order than SpikingJelly's: a membrane within rounding of the threshold
-# may fire in one and not the other; the spike counts below must agree, the values to this tolerance
-RTOL, ATOL = 1e-4, 1e-5
-
-
 def _step(model, x, loss_fn, method, time_major=True):
-    """One training step through rc.transform: (output, {name: grad}); the inputs must stay unchanged."""
-    model.zero_grad(set_to_none=True)
+    """One training step from reset neurons (SpikingJelly requires reset_net before each batch)."""
     functional.reset_net(model)
-    tm = rc.transform(model, method=method, input_layout="TB" if time_major else "static")
-    with inputs_unchanged(x), warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", rc.ApproximationWarning)
-        out = tm(x)
-        loss_fn(out).backward()
-    # the only approximation in these models: max pooling of firing rates in the rate pass
-    assert all(issubclass(w.category, rc.ApproximationWarning) and "max_pool" in str(w.message) for w in caught)
-    assert tm.programs, "the compiled step ran"
-    grads = {n: (p.grad if p.grad is not None else torch.zeros_like(p)) for n, p in model.named_parameters()
-             if p.requires_grad}
-    return out.detach(), grads
-
-
-def _assert_grads(ours, theirs, what):
-    assert ours.keys() == {k for k in theirs if k != "__input__"}
-    for name, g in ours.items():
-        scale = theirs[name].abs().max().clamp_min(1e-6)
-        torch.testing.assert_close(g / scale, theirs[name] / scale, rtol=RTOL, atol=ATOL, msg=f"{what}: {name}")
+    return train_step(model, x, loss_fn, method, input_layout="TB" if time_major else "static")
 
 
 @pytest.mark.parametrize("name", RUNNABLE)
@@ -58,7 +36,7 @@ def test_bptt_equals_spikingjellys_own_bptt(name):
     theirs, peer_out = H.peer_bptt_grads(peer, x, spec.loss)
     out, ours = _step(model, x, spec.loss, "bptt", spec.time_major)
     torch.testing.assert_close(out, peer_out, rtol=RTOL, atol=ATOL)
-    _assert_grads(ours, theirs, name)
+    assert_grads_close(ours, theirs, name)
 
 
 @pytest.mark.parametrize("name", [n for n in RUNNABLE if MODELS[n].rate_reference])
@@ -70,7 +48,7 @@ def test_rate_based_equals_an_independent_eager_rate_computation(name):
     theirs, peer_out = H.peer_rate_grads(peer, x, spec.loss)
     out, ours = _step(model, x, spec.loss, "ratebp", spec.time_major)
     torch.testing.assert_close(out, peer_out, rtol=RTOL, atol=ATOL)
-    _assert_grads(ours, theirs, name)
+    assert_grads_close(ours, theirs, name)
 
 
 @pytest.mark.parametrize("name", [n for n in RUNNABLE if not MODELS[n].rate_reference])
@@ -146,7 +124,7 @@ def test_backend_equals_the_references_and_hands_back_the_membrane(name, method)
         out = compiled(x)
         spec.loss(out).backward()
     torch.testing.assert_close(out, peer_out, rtol=RTOL, atol=ATOL)
-    _assert_grads({n: p.grad for n, p in model.named_parameters()}, theirs, name)
+    assert_grads_close({n: p.grad for n, p in model.named_parameters()}, theirs, name)
     for (path, ours), theirs_v in zip(H.neuron_modules(model), [m.v for _, m in H.neuron_modules(peer)]):
         torch.testing.assert_close(ours.v, theirs_v, rtol=RTOL, atol=ATOL, msg=path)   # Dynamo wrote it back
 

@@ -1,0 +1,220 @@
+"""The Leaky family: snnTorch's ``Leaky`` neuron, exactly as snnTorch 1.0 computes it.
+
+Per element, with x_t the input current, m_t the membrane the neuron stores (and returns) after step
+t, m_0 = 0, θ the threshold, β = clamp(beta, 0, 1), g the graded spikes factor, H(u) = [u > 0]
+(strict: a membrane exactly at the threshold does not fire) and ψ the surrogate derivative of H:
+
+    r_t = H(m_{t−1} − θ)                          the reset signal, detached (no gradient, no tangent)
+
+    m̃_t = β·m_{t−1} + x_t − r_t·θ                 reset "subtract"
+    m̃_t = β·(1 − r_t)·m_{t−1} + x_t               reset "zero" (zeroes the old membrane, keeps x_t)
+    m̃_t = β·m_{t−1} + x_t                          reset "none"
+
+    s_t = g·H(m̃_t − θ)
+
+    m_t = m̃_t                                      reset_delay=True (snnTorch's default): the reset a
+                                                    spike causes acts at the next step, through r_{t+1}
+    m_t = m̃_t − (s_t/g − r_t)·θ                   reset_delay=False, "subtract"
+    m_t = m̃_t − (s_t/g − r_t)·m̃_t                 reset_delay=False, "zero"
+    m_t = m̃_t                                      reset_delay=False, "none"
+
+With reset_delay=True the stored membrane is the pre-reset one that produced s_t, and r_t = s_{t−1}/g.
+With reset_delay=False the immediate reset is *not* detached (s_t carries ψ: ∂m_t/∂m̃_t = 1 − ψ·θ at a
+spike for "subtract"), and r_t reads the post-reset membrane (1 only where it is still above θ).
+β gets a gradient only while 0 ≤ beta ≤ 1 (the clamp's derivative, inclusive at both ends); θ gets one
+through the firing step and through −r_t·θ and −(s_t/g − r_t)·θ; g through s_t = g·H (it cancels in
+s_t/g, which snnTorch computes literally, and so does this family).
+
+beta, threshold and g are each a float or, where the field is None, one of the neuron's parameters
+(tensors broadcast against the input: a learned scalar, or one value per channel), passed to ``step``
+in the order ``params`` names them. The state is ``(m,)``: r_t is a function of m_{t−1}, so nothing
+else is needed. The eligibility comes from forward-mode AD through ``step`` (``Family.scan``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar, Dict, Optional, Tuple, Union
+
+import torch
+import torch.autograd.forward_ad as fwAD
+
+from ..nn.surrogate import ATan, Surrogate, spike
+from .base import Family, Params
+
+__all__ = ["LeakyDynamics", "RESETS", "Operands", "reset_signal", "fire_and_reset"]
+
+RESETS = ("subtract", "zero", "none")
+
+Value = Union[float, torch.Tensor]
+
+
+def _clamp01(v: Value) -> Value:
+    """clamp(v, 0, 1), as snnTorch applies it to beta and alpha at every step."""
+    if isinstance(v, torch.Tensor):
+        return v.clamp(0, 1)
+    return min(max(v, 0.0), 1.0)
+
+
+def _tangent(v) -> Optional[torch.Tensor]:
+    return fwAD.unpack_dual(v).tangent if isinstance(v, torch.Tensor) else None
+
+
+class Operands:
+    """Gives every operand of a step a tangent during a forward-AD pass.
+
+    In PyTorch 2.13 forward-mode AD of an op between a dual tensor and one without a tangent (a
+    plain tensor or a Python number) takes the zero-tangent path, which runs Python reference kernels:
+    ~0.3 ms per op on CPU whatever the size (the spike pass ran ~6x slower). So while any of the step's inputs
+    is dual, ``lift`` makes plain tensors dual with a zero tangent, and Python numbers 0-dim tensors
+    of the input's dtype (float32/float64 only, where that changes no value: the number is exactly
+    what the op would have cast it to). Outside a forward-AD pass (BPTT), ``lift`` returns its argument.
+    """
+
+    def __init__(self, x_t: torch.Tensor, *tensors):
+        self.on = any(_tangent(t) is not None for t in (x_t,) + tensors)
+        self.numbers = self.on and x_t.dtype in (torch.float32, torch.float64)
+        self.like = x_t
+
+    def lift(self, v):
+        if not self.on:
+            return v
+        if not isinstance(v, torch.Tensor):
+            if not self.numbers:
+                return v
+            v = torch.tensor(v, dtype=self.like.dtype, device=self.like.device)
+        return v if _tangent(v) is not None else fwAD.make_dual(v, torch.zeros_like(v))
+
+    @staticmethod
+    def primal(v):
+        return fwAD.unpack_dual(v).primal if isinstance(v, torch.Tensor) else v
+
+
+def reset_signal(m: torch.Tensor, threshold: Value) -> torch.Tensor:
+    """r_t = H(m_{t−1} − θ), detached: 1 where the stored membrane is above the threshold."""
+    u = (Operands.primal(m) - Operands.primal(threshold)).detach()
+    return (u > 0).to(u.dtype)
+
+
+def fire_and_reset(dyn, ops: Operands, h: torch.Tensor, r: torch.Tensor, threshold: Value, g: Value):
+    """``(s_t, m_t)`` from the candidate membrane m̃_t = ``h`` (operands lifted by ``ops``): the spike
+    g·H(m̃_t − θ), then (with ``reset_delay=False``) snnTorch's immediate reset by (s_t/g − r_t)."""
+    s = spike(h - threshold, dyn.surrogate, strict=True)
+    unit = not isinstance(g, torch.Tensor) and g == 1.0       # s·1 and s/1 are s, value and derivative
+    if not unit:
+        g = ops.lift(g)
+        s = s * g
+    if dyn.reset_delay or dyn.reset == "none":
+        return s, h
+    do_reset = (s if unit else s / g) - r
+    if dyn.reset == "subtract":
+        return s, h - do_reset * threshold
+    return s, h - do_reset * h
+
+
+class SnnTorchConstants:
+    """What snnTorch's Leaky and Synaptic families share: constants that are floats or parameters."""
+
+    #: The constants that may be parameters, in their canonical order.
+    CONSTANTS: ClassVar[Tuple[str, ...]] = ()
+    #: Those clamped to [0, 1] at every step.
+    CLAMPED: ClassVar[Tuple[str, ...]] = ()
+
+    def _validate(self) -> None:
+        if self.reset not in RESETS:
+            raise ValueError(f"reset must be one of {RESETS}, got {self.reset!r}")
+        if not isinstance(self.surrogate, Surrogate):
+            raise TypeError(f"surrogate must be a ratebp_compile.nn.surrogate.Surrogate, got {self.surrogate!r}")
+        object.__setattr__(self, "reset_delay", bool(self.reset_delay))
+        for name in self.CONSTANTS:
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, float(value))
+        learned = tuple(n for n in self.CONSTANTS if getattr(self, n) is None)
+        params = tuple(self.params) if self.params else learned
+        if len(set(params)) != len(params) or set(params) != set(learned):
+            raise ValueError(f"params must name each constant that is a parameter (None) once: {learned}, got "
+                             f"{params}")
+        object.__setattr__(self, "params", params)
+
+    def constants(self, params: Params) -> Dict[str, Value]:
+        """Each constant: its float, or its parameter (from ``params``, in the order of ``self.params``);
+        beta (and alpha) clamped to [0, 1]."""
+        given = dict(zip(self.params, params))
+        out = {}
+        for name in self.CONSTANTS:
+            value = given[name] if name in given else getattr(self, name)
+            out[name] = _clamp01(value) if name in self.CLAMPED else value
+        return out
+
+    @property
+    def binary(self) -> bool:  # type: ignore[override]
+        """Spikes are 0/1 only with a graded spikes factor of exactly 1."""
+        return self.graded_spikes_factor == 1.0
+
+    def _describe_constant(self, symbol: str, name: str) -> str:
+        value = getattr(self, name)
+        return f"{symbol} learned" if value is None else f"{symbol}={value:g}"
+
+    def _describe_tail(self) -> str:
+        parts = [f"{self.reset} reset" + ("" if self.reset == "none" else
+                                          (" (next step)" if self.reset_delay else " (immediate)"))]
+        if self.graded_spikes_factor != 1.0:
+            parts.append(self._describe_constant("g", "graded_spikes_factor"))
+        parts.append(f"{self.surrogate.name}({self.surrogate.width:g})")
+        return ", ".join(parts)
+
+
+@dataclass(frozen=True)
+class LeakyDynamics(SnnTorchConstants, Family):
+    """The constants of one snnTorch ``Leaky`` neuron (see the module docstring for the equations).
+
+    beta:                  β before clamping to [0, 1]; None where it is a parameter.
+    threshold:             θ; None where it is a parameter.
+    reset:                 "subtract", "zero" or "none" (the update snnTorch chose at construction).
+    reset_delay:           True: a spike's reset acts at the next step; False: at once (not detached).
+    surrogate:             ψ, the derivative of the firing step (snnTorch's default: atan(2)).
+    graded_spikes_factor:  g, the spike's amplitude; None where it is a parameter.
+    params:                the names of the constants that are parameters, in the order ``step`` receives
+                           them (default: their canonical order beta, threshold, graded_spikes_factor).
+    """
+
+    beta: Optional[float] = None
+    threshold: Optional[float] = 1.0
+    reset: str = "subtract"
+    reset_delay: bool = True
+    surrogate: Surrogate = field(default_factory=lambda: ATan(2.0))
+    graded_spikes_factor: Optional[float] = 1.0
+    params: Tuple[str, ...] = ()
+
+    name = "leaky"
+    CONSTANTS = ("beta", "threshold", "graded_spikes_factor")
+    CLAMPED = ("beta",)
+
+    def __post_init__(self):
+        self._validate()
+
+    def init_state(self, x0):
+        return (torch.zeros_like(x0),)
+
+    def step(self, x_t, state, params):
+        """One step from ``(m_{t−1},)``: ``(s_t, (m_t,))``."""
+        c = self.constants(params)
+        (m,) = state
+        ops = Operands(x_t, m, *params)
+        r = reset_signal(m, c["threshold"])
+        keep = 1 - r
+        beta, th, x_t, m, r, keep = (ops.lift(v) for v in (c["beta"], c["threshold"], x_t, m, r, keep))
+        if self.reset == "zero":
+            m = keep * m
+        h = beta * m + x_t
+        if self.reset == "subtract":
+            h = h - r * th
+        s, m = fire_and_reset(self, ops, h, r, th, c["graded_spikes_factor"])
+        return s, (m,)
+
+    def describe(self) -> str:
+        return f"Leaky({self._describe_constant('β', 'beta')}, {self._describe_constant('θ', 'threshold')}, " \
+               f"{self._describe_tail()}, fires above θ)"
+
+    def label(self) -> str:
+        return f"{self._describe_constant('β', 'beta')} {self._describe_constant('θ', 'threshold')}"

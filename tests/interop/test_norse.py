@@ -1,0 +1,48 @@
+"""Norse models, unmodified, through ``rc.transform``: outputs equal Norse's own forward, ``method="bptt"``
+gradients equal its own BPTT, rate-based gradients equal an independent eager rate-based computation built
+on Norse's own autograd (``norse_harness``); what cannot be compiled is refused naming module and line."""
+import copy
+
+import pytest
+import torch
+
+import ratebp_compile as rc
+from tests.interop.common import ATOL, RTOL, assert_grads_close, train_step
+
+pytest.importorskip("norse")
+
+from tests.interop import norse_harness as H  # noqa: E402
+
+MODELS = H.models()
+REFUSED = {
+    "seqstate_bare": r"module '1' \(LIF\).*is used other than for its spikes \(by output",
+    "li_readout": r"module 'out' .*LICell\) cannot be compiled: .*non-spiking leaky integrator.*Called at .*norse_harness",
+    "seqstate_li": r"module 'net.3' .*LI\) cannot be compiled: .*non-spiking leaky integrator",
+    "tutorial_convnet": r"module 'out' .*LILinearCell\) cannot be compiled",
+    "shared_cell": r"called different numbers of times",
+    "explicit_state": r"module 'lif1' \(LIFCell\).*starts from a state that is not at rest",
+}
+RUNNABLE = [n for n in MODELS if n not in REFUSED]
+
+
+@pytest.mark.parametrize("name", RUNNABLE)
+@pytest.mark.parametrize("method", ["bptt", "ratebp"])
+def test_step_equals_norses_own(name, method):
+    e = MODELS[name]
+    model, x = e.build(0), e.make_input(e.T, 0)
+    reference = H.peer_bptt_grads if method == "bptt" else H.peer_rate_grads
+    theirs, peer_out = reference(copy.deepcopy(model), x, e.loss)
+    out, ours = train_step(model, x, e.loss, method)
+    torch.testing.assert_close(out, H.primary_output(peer_out), rtol=RTOL, atol=ATOL)
+    assert out.sum() > 0
+    assert_grads_close(ours, theirs, name)
+
+
+@pytest.mark.parametrize("name", sorted(REFUSED))
+def test_what_cannot_be_compiled_is_refused(name):
+    e = MODELS[name]
+    model, x = e.build(0), e.make_input(e.T, 0)
+    state = copy.deepcopy(model.state_dict())
+    with pytest.raises(rc.RateBPError, match=REFUSED[name]):
+        rc.transform(model)(x)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
