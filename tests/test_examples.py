@@ -20,3 +20,11 @@ def test_spikingjelly_digits_learns():
     pytest.importorskip("sklearn")
     accuracy = _load("spikingjelly_digits").main(["--epochs", "2"])
     assert accuracy > 0.6
+
+
+@pytest.mark.parametrize("name,library", [("snntorch_digits", "snntorch"), ("norse_digits", "norse")])
+def test_snntorch_and_norse_digits_learn(name, library):
+    pytest.importorskip(library)
+    pytest.importorskip("sklearn")
+    accuracy = _load(name).main(["--epochs", "2"])
+    assert accuracy > 0.6
