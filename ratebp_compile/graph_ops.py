@@ -16,7 +16,7 @@ from .nn.functional import rate_neuron
 
 __all__ = ["without_grad", "spike_batch_norm", "spike_batch_norm_per_step", "per_step_batch_norm",
            "chunk_batch_norm", "chunk_batch_norm_", "rate_batch_norm", "batch_norm_no_update",
-           "update_batch_norm_stats", "time_average", "route_gradient", "rate_neuron"]
+           "update_batch_norm_stats", "time_average", "route_gradient", "rate_neuron", "state_output"]
 
 
 def without_grad(fn, *args):
@@ -163,6 +163,31 @@ class _RouteGradient(torch.autograd.Function):
         if ctx.scale != 1.0:
             grad = grad * ctx.scale
         return None, grad.reshape(ctx.rate_shape), None, None, None, None
+
+
+class _StateOutput(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, value, anchor, what):
+        ctx.what, ctx.anchor_shape = what, anchor.shape
+        return value.detach()
+
+    @staticmethod
+    def backward(ctx, grad):
+        if grad is not None and bool(grad.ne(0).any()):
+            from .errors import RateBPError
+            raise RateBPError(f"the loss depends on {ctx.what}, a neuron's state the model returns: the rate-based "
+                              f"step computes its value (the spike pass's) but no gradient flows through a "
+                              f"neuron's state; compute the loss on spikes (or train with method='bptt')")
+        return None, grad.new_zeros(ctx.anchor_shape) if grad is not None else None, None
+
+
+def state_output(value: torch.Tensor, anchor: Optional[torch.Tensor], what: str) -> torch.Tensor:
+    """An output of the training step that is a neuron's state read out (its membrane at every step): the
+    spike pass's value; a backward that reaches it with a nonzero gradient raises instead of dropping
+    it (``anchor``, any tensor of the step that requires grad, puts the output in the autograd graph)."""
+    if anchor is None or not anchor.requires_grad:
+        return value
+    return _StateOutput.apply(value, anchor, what)
 
 
 def route_gradient(spike_value: torch.Tensor, rate_value: torch.Tensor, axis: Optional[int] = None,

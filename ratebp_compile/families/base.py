@@ -157,6 +157,16 @@ class Family:
             _, state = self.step(x_seq[t], state, params)
         return self.membrane(state)
 
+    def state_trace(self, x_seq: torch.Tensor, params: Params, index: int) -> torch.Tensor:
+        """Element ``index`` of the state after each step of ``x_seq`` from rest, ``[T, ...]``: what a
+        neuron that returns its state hands back at every step (snnTorch's ``spk, mem = lif(x, mem)``).
+        Differentiable (BPTT); the spike pass runs it without autograd."""
+        state, trace = self.init_state(x_seq[0]), []
+        for t in range(x_seq.shape[0]):
+            _, state = self.step(x_seq[t], state, params)
+            trace.append(state[index].expand_as(x_seq[t]))
+        return torch.stack(trace)
+
     def membrane(self, state: tuple) -> torch.Tensor:
         """The membrane potential in a state of :meth:`step` (its first element unless said otherwise)."""
         return state[0]

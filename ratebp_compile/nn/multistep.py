@@ -57,6 +57,16 @@ class MultiStep(nn.Module):
             raise ValueError(f"MultiStep expects a sequence [T, B, ...], got a tensor of shape {tuple(x_seq.shape)}")
         _reset_state(self.module)
         outs = [self.module(x_t) for x_t in x_seq]
-        if isinstance(outs[0], tuple):
-            return tuple(torch.stack(parts) for parts in zip(*outs))
+        n = _tuple_length(outs[0])
+        if n is not None:
+            return tuple(torch.stack([out[i] for out in outs]) for i in range(n))
         return torch.stack(outs)
+
+
+def _tuple_length(out):
+    """The length of a tuple output — also of one the compiler is tracing (a ``torch.fx`` proxy that knows
+    its value) — else None."""
+    if isinstance(out, tuple):
+        return len(out)
+    val = getattr(getattr(out, "node", None), "meta", {}).get("val")
+    return len(val) if isinstance(val, tuple) else None

@@ -18,7 +18,7 @@ import torch
 
 from ..families import Family
 
-__all__ = ["NeuronSpec", "CallForm", "NeuronOp", "FinalMembrane", "register_neuron", "register_neuron_op",
+__all__ = ["NeuronSpec", "CallForm", "NeuronOp", "FinalMembrane", "StateTrace", "register_neuron", "register_neuron_op",
            "neuron_op", "neuron_spec", "cell_spec", "call_form", "is_single_step", "registered_neuron_types"]
 
 
@@ -307,3 +307,23 @@ class FinalMembrane:
 
     def __call__(self, x: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
         return self.spec.dynamics.final_membrane(self.spec._unmerge(x), params)
+
+
+@dataclass(frozen=True)
+class StateTrace:
+    """Graph call target: element ``index`` of neuron ``spec``'s state after every step, from rest, laid out
+    like the neuron's spikes (``StateTrace(spec, 0)(x, *params)``): the membrane a neuron returns at each
+    step (snnTorch's ``spk, mem = lif(x, mem)``) when the model reads it. BPTT differentiates through it;
+    in the rate-based step it is a value of the spike pass only, through which no gradient flows
+    (``where`` names the neuron for that error)."""
+
+    spec: NeuronSpec
+    index: int = 0
+    where: str = ""
+
+    @property
+    def __name__(self) -> str:  # noqa: A003
+        return self.spec.dynamics.name + "_state_trace"
+
+    def __call__(self, x: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
+        return self.spec.dynamics.state_trace(self.spec._unmerge(x), params, self.index).reshape(x.shape)

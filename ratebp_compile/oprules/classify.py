@@ -123,6 +123,8 @@ def classify(node: torch.fx.Node, info: Optional[OpInfo], ctx: Context, batchnor
     name = info.name
     if info.family == "state":
         return OpClass(STATE, "the neuron's membrane after the last step (model state): spike pass only")
+    if info.family == "state_trace":
+        return OpClass(STATE, "a neuron's state at every step, read out: the spike pass's value, no gradient")
     if info.family == "batchnorm":
         if batchnorm_uses_batch_stats:
             return OpClass(BATCHNORM, "statistics over time and batch: rate pass normalises with the spike "

@@ -382,6 +382,7 @@ _LAYOUT_RULES: Dict[str, Callable] = {
     "matmul": _matmul_layout,
     "meta": lambda node, ctx, info: None,
     "state": lambda node, ctx, info: None,
+    "state_trace": _broadcast_operands_layout,    # laid out like the neuron's input
 }
 
 

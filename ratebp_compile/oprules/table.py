@@ -17,7 +17,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from ..nn.spec import FinalMembrane
+from ..nn.spec import FinalMembrane, StateTrace
 
 __all__ = ["OpInfo", "op_info", "is_inplace_method"]
 
@@ -155,6 +155,7 @@ def _build_function_table() -> Tuple[Dict[Any, OpInfo], Dict[str, OpInfo]]:
 
 _FUNCTIONS, _METHODS = _build_function_table()
 _FINAL_MEMBRANE = OpInfo("state", "final_membrane", False)
+_STATE_TRACE = OpInfo("state_trace", "state_trace", False)
 
 
 def is_inplace_method(node: torch.fx.Node) -> bool:
@@ -166,6 +167,8 @@ def op_info(node: torch.fx.Node, gm: torch.fx.GraphModule) -> Optional[OpInfo]:
     if node.op == "call_function":
         if isinstance(node.target, FinalMembrane):
             return _FINAL_MEMBRANE
+        if isinstance(node.target, StateTrace):
+            return _STATE_TRACE
         try:
             return _FUNCTIONS.get(node.target)
         except TypeError:  # unhashable target

@@ -9,10 +9,11 @@ import torch.fx as fx
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..capture import propagate_shapes
-from ..graph_ops import (batch_norm_no_update, rate_batch_norm, rate_neuron, route_gradient, time_average,
-                         update_batch_norm_stats)
+from ..graph_ops import (batch_norm_no_update, rate_batch_norm, rate_neuron, route_gradient, state_output,
+                         time_average, update_batch_norm_stats)
 from ..hooks import ModuleHooks
-from ..nn.spec import NeuronSpec
+from ..errors import RateBPError, describe_node
+from ..nn.spec import NeuronSpec, StateTrace
 from ..oprules import BATCHNORM, STATE, op_info
 from ..time_layout import TimeLayout
 from .batchnorm_parts import batchnorm_parts, is_batchnorm, uses_batch_statistics
@@ -25,6 +26,10 @@ __all__ = ["build_rate_graph"]
 PASS = "build_rate_graph"
 
 
+#: Op families that only move a read-out state's values on its way to an output (no arithmetic, no parameters).
+_MOVES_DATA = {"reshape", "permute", "getitem", "split", "cat", "stack", "like", "meta", "broadcast"}
+
+
 class _RateBuilder:
     def __init__(self, source: fx.GraphModule, statistics: List[Statistic]):
         self.source = source
@@ -33,6 +38,8 @@ class _RateBuilder:
         self.env: Dict[fx.Node, object] = {}
         self.statistics = statistics
         self.inputs: Dict[Tuple[fx.Node, str], fx.Node] = {}      # (source node, role) -> placeholder
+        self.readouts: Dict[fx.Node, str] = {}     # a neuron's state read out, and what derives from it -> its name
+        self.readout_outputs: Dict[int, str] = {}  # index of a rate output that is such a read-out -> its name
 
     def mapped(self, n):
         return self.env[n]
@@ -55,8 +62,9 @@ class _RateBuilder:
             if node.op == "placeholder":
                 continue
             if node.op == "output":
-                leaves, _ = tree_flatten(node.args[0])
-                self.g.output(tuple(self.env[l] for l in leaves if isinstance(l, fx.Node)))
+                leaves = [l for l in tree_flatten(node.args[0])[0] if isinstance(l, fx.Node)]
+                self.readout_outputs = {i: self.readouts[l] for i, l in enumerate(leaves) if l in self.readouts}
+                self.g.output(tuple(self.env[l] for l in leaves))
                 continue
             with at_node(PASS, node, self.source):
                 self.env[node] = self.rewrite(node)
@@ -71,8 +79,22 @@ class _RateBuilder:
         cls = node.meta.get("ratebp.class")
         if cls is not None and cls.kind == STATE:
             # buffers are updated in place once, by the spike pass; state read-outs (a cell's final
-            # membrane) have the spike pass's value and no gradient
+            # membrane, a neuron's state at every step) have the spike pass's value and no gradient
+            if isinstance(node.target, StateTrace):
+                self.readouts[node] = f"the state of {node.target.where}"
             return self.env[node.args[0]] if node.op == "call_method" else None
+        read = [a for a in node.all_input_nodes if a in self.readouts]
+        if read:         # a read-out reshaped or stacked on its way to an output: no rate value either
+            info = op_info(node, self.source) if node.op != "get_attr" else None
+            others = [a for a in node.all_input_nodes if a not in self.readouts and not is_constant(a.meta.get("val"))]
+            if others or info is None or info.family not in _MOVES_DATA:
+                raise RateBPError(f"{PASS}: {describe_node(node, self.source)} combines {self.readouts[read[0]]} with "
+                                  f"{describe_node(others[0], self.source) if others else 'its parameters or other values'}"
+                                  f": a neuron's state is read out with the spike pass's value and no gradient flows "
+                                  f"through it, so it may only be returned (reshaped, stacked) as an output of its own "
+                                  f"(compute the loss on spikes)")
+            self.readouts[node] = self.readouts[read[0]]
+            return None
         if isinstance(node.target, NeuronSpec):
             spec: NeuronSpec = node.target
             x, *params = [self.env[a] for a in node.args]
@@ -225,7 +247,15 @@ def build_rate_graph(program: fx.GraphModule) -> PassResult:
             rate_out.meta["val"] = rate_outputs[i]
             lay = out.meta.get("ratebp.time")
             axis, merged = (lay.axis, lay.merged) if isinstance(lay, TimeLayout) else (None, False)
-            routed[out] = g.call_function(route_gradient, (out, rate_out, axis, merged, T, scale))
+            if i in builder.readout_outputs:      # the spike pass's value; a gradient reaching it is an error
+                j = next((j for j, v in enumerate(rate_outputs)
+                          if isinstance(v, torch.Tensor) and j not in builder.readout_outputs), None)
+                anchor = None if j is None else g.call_function(operator.getitem, (call, j))
+                if anchor is not None:
+                    anchor.meta["val"] = rate_outputs[j]
+                routed[out] = g.call_function(state_output, (out, anchor, builder.readout_outputs[i]))
+            else:
+                routed[out] = g.call_function(route_gradient, (out, rate_out, axis, merged, T, scale))
             copy_meta(routed[out], out, PASS, out.meta.get("val"))
     leaves, spec = tree_flatten(output.args[0])
     output.args = (tree_unflatten([routed.get(l, l) for l in leaves], spec),)

@@ -16,7 +16,7 @@ from ..hooks import ModuleHooks
 from ..families.lif import spec_from_op_args
 from ..kernels.lif import op_arguments
 from ..kernels.lif_cell import final_membrane
-from ..nn.spec import call_form, cell_spec, is_single_step
+from ..nn.spec import StateTrace, call_form, cell_spec, is_single_step
 from ..oprules import is_module_state, op_info
 from ..oprules.layout import op_dims
 from .batchnorm_parts import is_batchnorm
@@ -190,6 +190,7 @@ class _Folder:
         self.chains: set = set()          # additions of a sum over the steps
         self.env: Dict[fx.Node, object] = {}
         self.merged: Dict[fx.Node, fx.Node] = {}
+        self.readouts: Dict[fx.Node, tuple] = {}   # a state output the model reads -> (module, state index)
 
     # -- which timestep each node belongs to ------------------------------------------------------
     def assign_steps(self) -> None:
@@ -252,7 +253,9 @@ class _Folder:
     # -- state carried from call to call ------------------------------------------------------------
     def check_state_chains(self) -> None:
         """A neuron whose calls carry their state explicitly (``spk, mem = lif(x, mem)``) must start from
-        rest and hand its state only to its own next call: the folded neuron keeps it internal."""
+        rest and hand its state to its own next call: the folded neuron keeps it internal. The model may
+        also read that state (record the membrane it returns): a read-out of the spike pass, without
+        gradient (:class:`StateTrace`), where each state output is one element of the neuron's state."""
         gm = self.gm
         for calls in self.cells.values():
             module = _cell_module(calls[0], gm)
@@ -264,14 +267,16 @@ class _Folder:
                 state_out = [outputs.get(i) for i, role in enumerate(form.outputs) if role == "state"]
                 following = calls[k + 1] if k + 1 < len(calls) else None
                 for j, out in enumerate(state_out):
-                    for user in (out.users if out is not None else ()):
-                        if user is following and _state_args(following, gm)[j] is out:
-                            continue
+                    readers = [u for u in (out.users if out is not None else ())
+                               if not (u is following and _state_args(following, gm)[j] is out)]
+                    if not readers:
+                        continue
+                    if not self._readable(module, len(state_out)):
                         raise RateBPError(
-                            f"{PASS}: the state of {describe_node(call, gm)} (its membrane, say) is read by "
-                            f"{describe_node(user, gm)}: rate-based backprop propagates through spikes only, and "
-                            f"the compiled step keeps a neuron's state inside it. Use its spikes for the loss "
-                            f"(a firing rate or spike count). See {PORTING}.")
+                            f"{PASS}: the state of {describe_node(call, gm)} is read by "
+                            f"{describe_node(readers[0], gm)}: the compiled step keeps this neuron's state inside "
+                            f"it. Use its spikes. See {PORTING}.")
+                    self.readouts[out] = (module, j)
                 if k == 0:
                     given = _state_args(call, gm)
                     if (not given or any(v is _STORED for v in given)) and not form.stored_at_rest(module):
@@ -296,6 +301,13 @@ class _Folder:
                             f"{PASS}: {describe_node(call, gm)} at timestep {k} does not continue from the state its "
                             f"call at timestep {k - 1} returned; only a neuron's own state can be carried from "
                             f"step to step. See {PORTING}.")
+
+    @staticmethod
+    def _readable(module, state_outputs: int) -> bool:
+        """Whether each state output of ``module``'s calls is one element of its family's state (snnTorch's
+        ``mem``), so that the model may read it."""
+        dynamics = cell_spec(module).dynamics
+        return state_outputs == len(dynamics.init_state(torch.zeros(1)))
 
     # -- the T bodies must be copies of one another ------------------------------------------------
     def match_bodies(self) -> List[Dict[fx.Node, fx.Node]]:
@@ -418,8 +430,14 @@ class _Folder:
         role = _output_role(node, gm)
         if role == "spikes":                      # the folded neuron's spikes
             return self.merged[self.image.get(node.args[0], node.args[0])]
-        if role == "state":                       # passed to the next step: internal to the folded neuron
-            return None
+        if role == "state":                       # passed to the next step: internal to the folded neuron ...
+            read = next((self.readouts[n] for n in self.readouts if self.image.get(n, n) is node), None)
+            if read is None:
+                return None
+            module, index = read                  # ... and read by the model: its value at every step
+            neuron = self.merged[self.image.get(node.args[0], node.args[0])]
+            where = describe_node(node.args[0], gm)
+            return copy_meta(g.call_function(StateTrace(neuron.target, index, where), neuron.args), node, PASS)
         if node.op == "call_module" and is_batchnorm(node, gm):
             return copy_meta(g.call_function(per_step_batch_norm, (arg(node.args[0]), g.get_attr(node.target), T)),
                              node, PASS)

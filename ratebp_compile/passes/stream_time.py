@@ -12,7 +12,7 @@ import torch.fx as fx
 from ..capture import propagate_shapes
 from ..errors import describe_node
 from ..graph_ops import chunk_batch_norm, chunk_batch_norm_, spike_batch_norm, spike_batch_norm_per_step
-from ..nn.spec import NeuronSpec
+from ..nn.spec import NeuronSpec, StateTrace
 from ..oprules import APPROXIMATE, op_info
 from ..oprules.table import is_inplace_method
 from ..stream import StageInput, StreamStage, chunk_bounds
@@ -126,6 +126,9 @@ class _Planner:
                         self._store_whole(a, "its value is needed for all steps at once")
             if kind == "stream" and self._random(node):
                 self._store_whole(node, "draws random values")
+            if kind == "stream" and isinstance(node.target, StateTrace):
+                raise _CannotStream(f"the model reads the state of {node.target.where} at every step, which "
+                                    f"chunks of time would restart from rest")
         while True:       # a value two stages would compute is computed once and stored
             self.cones = {s: self.cone(s) for s in self.sinks()}
             owner: Dict[fx.Node, fx.Node] = {}

@@ -23,8 +23,15 @@ def train_step(model, x, loss_fn, method, **options):
         loss_fn(out).backward()
     assert all(issubclass(w.category, rc.ApproximationWarning) and "max_pool" in str(w.message) for w in caught)
     assert tm.programs, "the compiled step ran"
-    return out.detach(), {n: (p.grad if p.grad is not None else torch.zeros_like(p))
-                          for n, p in model.named_parameters() if p.requires_grad}
+    out = tuple(o.detach() for o in out) if isinstance(out, tuple) else out.detach()
+    return out, {n: (p.grad if p.grad is not None else torch.zeros_like(p))
+                 for n, p in model.named_parameters() if p.requires_grad}
+
+
+def assert_outputs_close(ours, theirs):
+    """A model's output (or tuple of outputs) against the peer's, in the output's dtype."""
+    for a, b in zip(ours, theirs) if isinstance(ours, tuple) else [(ours, theirs)]:
+        torch.testing.assert_close(a, b.to(a.dtype), rtol=RTOL, atol=ATOL)
 
 
 def assert_grads_close(ours, theirs, what):

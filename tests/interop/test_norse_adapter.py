@@ -9,7 +9,7 @@ import torch
 pytest.importorskip("norse")
 nt = pytest.importorskip("norse.torch")
 
-from norse.torch.functional.reset import reset_subtract, reset_value  # noqa: E402
+from norse.torch.functional.reset import reset_subtract  # noqa: E402
 from norse.torch.functional.threshold import threshold  # noqa: E402
 
 from ratebp_compile import interop  # noqa: E402

@@ -11,7 +11,7 @@ import ratebp_compile as rc
 from ratebp_compile.graph_ops import per_step_batch_norm
 from ratebp_compile.families import LIFDynamics
 from ratebp_compile.nn import LIF, LIFCell, NeuronSpec, ParametricLIF, ParametricLIFCell, Sigmoid
-from ratebp_compile.nn.spec import CallForm
+from ratebp_compile.nn.spec import CallForm, StateTrace
 from ratebp_compile.passes import fold_time
 from tests.conftest import inputs_unchanged
 from tests.passes.util import SingleBN, prepare
@@ -300,7 +300,9 @@ class ExplicitLoop(nn.Module):
             s, v = self.sn(self.fc(x_t), v)
             spikes.append(self.out(s))
             membranes.append(v)
-        return torch.stack(membranes) if self.record_membrane else torch.stack(spikes)
+        if self.record_membrane:
+            return torch.stack(spikes), torch.stack(membranes)
+        return torch.stack(spikes)
 
 
 @pytest.mark.parametrize("method", ["bptt", "ratebp"])
@@ -324,10 +326,59 @@ def test_explicit_state_chain_folds_into_one_neuron(method):
     assert expected.abs().sum() > 0
 
 
+@pytest.mark.parametrize("method", ["bptt", "ratebp"])
+def test_the_membrane_a_model_returns_is_read_out(method):
+    """Recording the membrane (tutorial 5 returns it): exact values; BPTT differentiates through it; the
+    rate-based step refuses a loss that depends on it, at backward, and trains one on the spikes."""
+    model = ExplicitLoop(record_membrane=True).double()
+    x = torch.rand(4, 3, 3, dtype=torch.float64) * 2
+    plain = copy.deepcopy(model)
+    spikes_ref, mem_ref = plain(x)
+    gm, _ = prepare(copy.deepcopy(model), [x], "fold_time")
+    traces = [n for n in gm.graph.nodes if isinstance(n.target, StateTrace)]
+    assert len(traces) == 1 and traces[0].target.index == 0 and "'sn'" in traces[0].target.where
+    tm = rc.transform(model, method=method)
+    with inputs_unchanged(x):
+        spikes, mem = tm(x)
+        torch.testing.assert_close(spikes, spikes_ref, rtol=0, atol=1e-12)
+        torch.testing.assert_close(mem, mem_ref, rtol=0, atol=1e-12)
+        if method == "bptt":
+            (spikes.sum() + mem.square().sum()).backward()
+            (spikes_ref.sum() + mem_ref.square().sum()).backward()
+            for p, q in zip(model.parameters(), plain.parameters()):
+                torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-12)
+        else:
+            with pytest.raises(rc.RateBPError, match=r"the loss depends on the state of module 'sn'"):
+                (spikes.sum() + mem.square().sum()).backward()
+            spikes, mem = tm(x)
+            (spikes.sum() + 0.0 * mem.detach().sum()).backward()
+            assert all(p.grad is not None for p in model.parameters())
+
+
+def test_a_read_out_state_is_never_streamed():
+    """A chunked spike pass would restart the read-out from rest at each chunk: it runs all steps at once."""
+    model = ExplicitLoop(record_membrane=True).double()
+    x = torch.rand(6, 3, 3, dtype=torch.float64) * 2
+    _, mem_ref = copy.deepcopy(model)(x)
+    with pytest.warns(UserWarning, match=r"all 6 steps at once.*reads the state of module 'sn'"):
+        _, mem = rc.transform(model, time_chunk=2)(x)
+    torch.testing.assert_close(mem, mem_ref, rtol=0, atol=1e-12)
+
+
+def test_a_read_out_state_combined_with_other_values_is_refused():
+    class Mixed(ExplicitLoop):
+        def forward(self, x):
+            spikes, mem = super().forward(x)
+            return spikes, self.out(mem)         # a layer on the membrane: its weights could get no gradient
+
+    with pytest.raises(rc.RateBPError, match=r"module 'out' .*combines the state of module 'sn'.*with.*no gradient "
+                                             r"flows through it"):
+        rc.transform(Mixed(record_membrane=True))(torch.rand(4, 3, 3))
+
+
 @pytest.mark.parametrize("model,pattern", [
-    (lambda: ExplicitLoop(record_membrane=True), r"the state of module 'sn'.*is read by.*spikes only"),
     (lambda: ExplicitLoop(start=torch.full((3, 5), 0.3)), r"module 'sn'.*starts from a state that is not at rest"),
-], ids=["membrane-output", "state-not-at-rest"])
+], ids=["state-not-at-rest"])
 def test_explicit_state_used_outside_the_neuron_is_refused(model, pattern):
     m = model()
     snap = copy.deepcopy(m.state_dict())
