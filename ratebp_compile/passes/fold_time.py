@@ -539,10 +539,30 @@ def fold_time(gm: fx.GraphModule) -> PassResult:
     membrane ``v``; the chain folds the same way, and the membrane after the last step, which Dynamo
     hands back to ``cell.v``, becomes ``final_membrane(...)`` (computed by the spike pass, no gradient).
 
+    A neuron whose calls pass their state (``CallForm``: snnTorch's ``spk, mem = lif(x, mem)``, Norse's
+    ``z, s = cell(x, s)``) folds the same way when each call continues from the state the previous one
+    returned and the first starts from rest; the state the model reads (``mem_rec.append(mem)``) becomes
+    a read-out of the folded neuron (T = 2, ``sn`` an snnTorch Leaky)::
+
+        sn = self.sn(fc, zeros_like);  getitem = sn[0];  getitem_1 = sn[1]
+        sn_1 = self.sn(fc_1, getitem_1);  getitem_2 = sn_1[0];  getitem_3 = sn_1[1]
+        stack = torch.stack([getitem_1, getitem_3])
+
+    becomes::
+
+        leaky = leaky(fc)                                 # NeuronSpec(LeakyDynamics(...), time_steps=2)
+        leaky_state_trace = leaky_state_trace(fc)         # StateTrace: the membrane after every step
+        unflatten = leaky_state_trace.unflatten(0, (2, -1))
+
+    A loop may read its steps from an input ``[T, B, ...]`` or from a sequence computed before it (a
+    multi-step layer's output: ``h[t]``, ``h.select(0, t)``).
+
     Holds before: neurons are normalized; cells are ``call_module`` nodes or cell-step op chains; every
     node has ``meta["val"]``.
     Holds after: no single-step neuron is left; the graph computes what the loop computed (the cells'
-    state starting from rest). Without cells the pass changes nothing.
+    state starting from rest). Without cells the pass changes nothing. Refused: a model whose neurons
+    are called once per forward (a per-step model: ``rc.nn.MultiStep``), a state not at rest at the
+    first step, a state handed to another call than the neuron's next one.
     """
     if not _cells(gm):
         return PassResult(gm, False)

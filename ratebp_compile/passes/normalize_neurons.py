@@ -199,7 +199,10 @@ def normalize_neurons(gm: fx.GraphModule) -> PassResult:
 
     A ``ParametricLIF`` becomes ``plif(x, self.sn.w)``. In a graph captured by torch.compile, where a
     neuron module's forward is its fused op, ``spikes = ratebp.lif_bptt_forward(x, 0.5, None, ...)[0]``
-    becomes the same node, its spec read off the op's arguments.
+    becomes the same node, its spec read off the op's arguments; so does another library's neuron op
+    (``register_neuron_op``: SpikingJelly's ``sj_lif::forward(x, full_like(x[0], v_reset), tau, ...)``),
+    whose final-membrane output becomes ``FinalMembrane(spec)(x)``. A neuron whose call returns a tuple
+    (Norse's ``z, s = lif(x)``) keeps its spikes; its state must go unused.
 
     Holds before: the graph comes from ``capture`` (neurons are ``call_module`` leaves).
     Holds after: no ``call_module`` targets a multi-step neuron; every neuron node has
