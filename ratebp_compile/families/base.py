@@ -109,17 +109,17 @@ class Family:
         start_state, spikes = scan.state, None
         for direction in (None,) + tuple(range(len(params))):
             with fwAD.dual_level():
-                run_params = tuple(p.detach() for p in params)
-                if direction is not None:
-                    p = run_params[direction]
-                    run_params = run_params[:direction] + (fwAD.make_dual(p, torch.ones_like(p)),) + \
-                        run_params[direction + 1:]
-                state = _dual_state(start_state, scan.tangents.get(direction))
+                # every tensor dual (zero tangents where there is none): in torch 2.13 forward-mode AD of an op
+                # between a dual tensor and a plain one takes a slow generic path
+                run_params = tuple(fwAD.make_dual(p.detach(), torch.ones_like(p) if i == direction
+                                                  else torch.zeros_like(p)) for i, p in enumerate(params))
+                state = _dual_state(start_state, scan.tangents.get(direction) or
+                                    tuple(torch.zeros_like(v) if isinstance(v, torch.Tensor) else None
+                                          for v in start_state))
                 run_spikes, acc = [], scan.sums.get(direction)
                 for t in range(x_seq.shape[0]):
                     x_t = x_seq[t]
-                    if direction is None:
-                        x_t = fwAD.make_dual(x_t, torch.ones_like(x_t))
+                    x_t = fwAD.make_dual(x_t, torch.ones_like(x_t) if direction is None else torch.zeros_like(x_t))
                     s, state = self.step(x_t, state, run_params)
                     primal, tangent = fwAD.unpack_dual(s)
                     run_spikes.append(primal)
