@@ -38,7 +38,7 @@ from torch.fx._symbolic_trace import _orig_module_getattr
 from torch.nn.utils import parametrize
 
 from .errors import RateBPError, describe_node, user_frame
-from .interop import PORTING, UnsupportedNeuron
+from .interop import PORTING, UnsupportedNeuron, rewrite_for
 from .hooks import ModuleHooks, check_hooks_supported, forward_hooks, hooked_modules, hooks_suspended
 from .nn.neuron import Neuron
 from .nn.spec import NeuronSpec, call_form, cell_spec, is_single_step, neuron_spec, registered_neuron_types
@@ -79,6 +79,8 @@ class _SNNTracer(fx.Tracer):
     def is_leaf_module(self, m: torch.nn.Module, qualname: str) -> bool:
         if _is_neuron_leaf(m):
             return True
+        if rewrite_for(m) is not None:
+            return False
         if is_foreign_neuron(m):
             raise RateBPError(
                 f"unrecognised stateful module '{qualname}' ({type(m).__module__}.{type(m).__name__}): it keeps "
@@ -97,7 +99,15 @@ class _SNNTracer(fx.Tracer):
         pre, post = forward_hooks(m, path)
         if pre is not None:
             self.create_proxy("call_function", pre, (tuple(args),), {})
-        out = super().call_module(m, lambda *a, **k: m.forward(*a, **k), args, kwargs)
+        rewrite = rewrite_for(m)
+        if rewrite is not None:
+            try:
+                out = rewrite(m, *args, **kwargs)
+            except UnsupportedNeuron as e:
+                raise RateBPError(f"module '{path}' ({type(m).__module__}.{type(m).__qualname__}) cannot be "
+                                  f"compiled: {e} Called at {_calling_frame()}. See {PORTING}.") from None
+        else:
+            out = super().call_module(m, lambda *a, **k: m.forward(*a, **k), args, kwargs)
         if post is not None:
             self.create_proxy("call_function", post, (tuple(args), out), {})
         return out

@@ -16,7 +16,8 @@ from .nn.functional import rate_neuron
 
 __all__ = ["without_grad", "spike_batch_norm", "spike_batch_norm_per_step", "per_step_batch_norm",
            "chunk_batch_norm", "chunk_batch_norm_", "rate_batch_norm", "batch_norm_no_update",
-           "update_batch_norm_stats", "time_average", "route_gradient", "rate_neuron", "state_output"]
+           "update_batch_norm_stats", "time_average", "route_gradient", "rate_neuron", "state_output",
+           "dropout_mask"]
 
 
 def without_grad(fn, *args):
@@ -163,6 +164,14 @@ class _RouteGradient(torch.autograd.Function):
         if ctx.scale != 1.0:
             grad = grad * ctx.scale
         return None, grad.reshape(ctx.rate_shape), None, None, None, None
+
+
+def dropout_mask(x_seq: torch.Tensor, p: float, channels: bool = False) -> torch.Tensor:
+    """A dropout mask for one step of ``x_seq`` ``[T, B, ...]`` (0 or 1/(1 − p); whole channels with
+    ``channels``), drawn once and shared by every step — SpikingJelly's ``layer.Dropout``. The spike pass
+    draws it and hands it to the rate pass, where mean_t(x_t·mask) = mean_t(x_t)·mask is exact."""
+    ones = torch.ones_like(x_seq[0])
+    return F.dropout2d(ones, p, training=True) if channels else F.dropout(ones, p, training=True)
 
 
 class _StateOutput(torch.autograd.Function):

@@ -23,7 +23,7 @@ from torch import nn
 
 from .errors import RateBPError
 
-__all__ = ["StateWatch"]
+__all__ = ["StateWatch", "original_class"]
 
 #: nn.Module's own bookkeeping (hooks, parameters, ...): neither configuration nor user state.
 _INTERNALS = frozenset(vars(nn.Module())) - {"training"}
@@ -33,6 +33,7 @@ _CONTAINERS = (list, dict, set, collections.deque)
 
 _ACTIVE: List["StateWatch"] = []          # the watch of the capture in progress (innermost last)
 _RECORDING: Dict[type, type] = {}         # module class -> its recording subclass
+_ORIGINAL: Dict[type, type] = {}      # recording subclass -> the class it records
 
 
 def _recording_class(cls: type) -> type:
@@ -61,7 +62,13 @@ def _recording_class(cls: type) -> type:
                                       "__delattr__": __delattr__, "__module__": cls.__module__,
                                       "__qualname__": cls.__qualname__})
     _RECORDING[cls] = sub
+    _ORIGINAL[sub] = cls
     return sub
+
+
+def original_class(module) -> type:
+    """``module``'s own class, also while a watch has swapped it for its recording subclass."""
+    return _ORIGINAL.get(type(module), type(module))
 
 
 def _contents(container) -> Tuple:

@@ -12,9 +12,10 @@ cannot honour that setting (the capture turns it into an error naming the module
 from __future__ import annotations
 
 import importlib
-from typing import Optional, Set
+from typing import Callable, Dict, Optional, Set
 
-__all__ = ["UnsupportedNeuron", "load_for", "load_for_op", "library_of", "LIBRARIES", "PORTING"]
+__all__ = ["UnsupportedNeuron", "load_for", "load_for_op", "library_of", "register_rewrite", "rewrite_for", "LIBRARIES",
+           "PORTING"]
 
 #: Top-level package → the module here that adapts it.
 LIBRARIES = {"spikingjelly": "spikingjelly", "snntorch": "snntorch", "norse": "norse"}
@@ -23,6 +24,7 @@ OP_NAMESPACES = {"sj_lif": "spikingjelly", "sj_if": "spikingjelly", "sj_plif": "
 PORTING = "docs/porting.md"
 
 _loaded: Set[str] = set()
+_rewrites: Dict[type, Callable] = {}
 
 
 class UnsupportedNeuron(Exception):
@@ -59,3 +61,18 @@ def load_for_op(qualified_name: str) -> None:
     lib = OP_NAMESPACES.get(qualified_name.split("::")[0])
     if lib is not None:
         _load(lib)
+
+
+def register_rewrite(cls: type, rewrite: Callable) -> None:
+    """Have the capture trace ``rewrite(module, *args)`` instead of the forward of a ``cls`` module: an
+    equivalent, traceable form of a layer that keeps state between calls (SpikingJelly's
+    ``layer.Dropout``, whose mask is module state). ``rewrite`` may raise :class:`UnsupportedNeuron`."""
+    _rewrites[cls] = rewrite
+
+
+def rewrite_for(module) -> Optional[Callable]:
+    """The rewrite registered for ``module``'s exact class, or None."""
+    from ..statewatch import original_class
+
+    load_for(module)
+    return _rewrites.get(original_class(module))

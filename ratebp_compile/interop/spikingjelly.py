@@ -16,12 +16,15 @@ What maps to what (``docs/porting.md`` has the table and the defaults that diffe
   (these run as the fused kernels); ``PiecewiseLeakyReLU`` with c ≠ 0, ``PiecewiseExp``, ``SoftSign``,
   ``SuperSpike`` and ``Erf`` have their formulas in ``rc.nn.surrogate`` (PyTorch spike pass).
 
+- ``layer.Dropout``/``Dropout2d`` on a sequence (0.0.0.0.14: ``MultiStepDropout*``): rewritten for the
+  capture as ``x_seq * dropout_mask(x_seq, p)``, one mask for all steps, drawn by the spike pass and
+  reused by the rate pass (``register_rewrite``).
+
 Refused, with the reason: subclasses of these neurons (they may change the dynamics), other
 surrogates or a surrogate with ``spiking=False``, ``store_v_seq=True`` (the compiled step computes no
-membrane to store), a neuron holding a membrane from an earlier call (SpikingJelly keeps state until
-``functional.reset_net``), and ``layer.Dropout`` (its mask is module state shared over the steps of
-a sequence; not supported yet). The layers ``layer.*`` and containers (``SeqToANNContainer``,
-``MultiStepContainer``) are ordinary modules: the capture traces through them.
+membrane to store), a neuron or a Dropout holding its state from an earlier call (SpikingJelly keeps
+it until ``functional.reset_net``), a single-step Dropout. The layers ``layer.*`` and containers
+(``SeqToANNContainer``, ``MultiStepContainer``) are ordinary modules: the capture traces through them.
 """
 from __future__ import annotations
 
@@ -29,14 +32,18 @@ import importlib
 import importlib.metadata
 
 import torch
+import torch.fx
 
 from ..families import LIFDynamics
 from ..nn import surrogate as ours
 from ..nn.multistep import register_state_reset
 from ..nn.spec import NeuronOp, NeuronSpec, register_neuron, register_neuron_op
-from . import UnsupportedNeuron
+from ..graph_ops import dropout_mask
+from . import UnsupportedNeuron, register_rewrite
 
 __all__ = []
+
+torch.fx.wrap("dropout_mask")      # one node in a traced graph: the mask is drawn once, by the spike pass
 
 
 def _api(package: str, min_major: int = 0):
@@ -127,9 +134,27 @@ def _plif(m) -> NeuronSpec:
     return _spec(m, None, ("w",))
 
 
-def _dropout(m):
-    raise UnsupportedNeuron("SpikingJelly's layer.Dropout keeps one mask per sequence as module state, shared "
-                            "over the steps; it is not supported yet")
+def _sequence_dropout(channels: bool):
+    """The rewrite of a SpikingJelly dropout layer on a sequence: one mask drawn for the whole sequence
+    and shared by every step (``graph_ops.dropout_mask``: the spike pass draws it with the same random
+    numbers SpikingJelly would, the rate pass reuses it, which is exact)."""
+    def rewrite(module, x_seq):
+        if getattr(module, "step_mode", "m") != "m":
+            raise UnsupportedNeuron("a single-step Dropout draws its mask at the first step of a loop and keeps it "
+                                    "as module state; not supported yet (use step_mode='m')")
+        memories = getattr(module, "_memories", None)          # read as a whole: the guards watch it
+        if (memories.get("mask") if isinstance(memories, dict) else module.mask) is not None:
+            raise UnsupportedNeuron("it holds the dropout mask of an earlier call (SpikingJelly keeps it until "
+                                    "functional.reset_net(model)); reset the network before each batch")
+        if not module.training or module.p == 0:
+            return x_seq
+        return x_seq * dropout_mask(x_seq, float(module.p), channels)
+    return rewrite
+
+
+def _single_step_dropout(module, x):
+    raise UnsupportedNeuron("a single-step Dropout draws its mask at the first step of a loop and keeps it as "
+                            "module state; not supported yet (use MultiStepDropout)")
 
 
 def _single_step(m) -> bool:
@@ -143,7 +168,8 @@ if _APIS["activation_based"] is not None:
     register_neuron(_neuron.LIFNode, _lif, single_step=_single_step)
     register_neuron(_neuron.IFNode, _if, single_step=_single_step)
     register_neuron(_neuron.ParametricLIFNode, _plif, single_step=_single_step)
-    register_neuron(_layer.Dropout, _dropout)
+    register_rewrite(_layer.Dropout, _sequence_dropout(channels=False))
+    register_rewrite(_layer.Dropout2d, _sequence_dropout(channels=True))
 if _APIS["clock_driven"] is not None:
     # 0.0.0.0.14: IFNode, LIFNode, ParametricLIFNode take one step per call; their MultiStep* subclasses
     # the whole sequence (backend 'torch' loops the single step, 'cupy' runs CUDA kernels: same math)
@@ -155,8 +181,10 @@ if _APIS["clock_driven"] is not None:
                                    (_neuron.ParametricLIFNode, _neuron.MultiStepParametricLIFNode, _plif)):
         register_neuron(multi, to_spec)
         register_neuron(single, to_spec, single_step=lambda m: True)
-    register_neuron(_layer.Dropout, _dropout)
-    register_neuron(_layer.MultiStepDropout, _dropout)
+    register_rewrite(_layer.Dropout, _single_step_dropout)
+    register_rewrite(_layer.Dropout2d, _single_step_dropout)
+    register_rewrite(_layer.MultiStepDropout, _sequence_dropout(channels=False))
+    register_rewrite(_layer.MultiStepDropout2d, _sequence_dropout(channels=True))
 for _cls in _NEURONS:
     register_state_reset(_cls, lambda m: m.reset())
 

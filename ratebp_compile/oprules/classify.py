@@ -112,6 +112,8 @@ def classify(node: torch.fx.Node, info: Optional[OpInfo], ctx: Context, batchnor
     if isinstance(out, Mixed) or (isinstance(out, tuple) and any(isinstance(l, Mixed) for l in out)):
         reason = out.reason if isinstance(out, Mixed) else next(l.reason for l in out if isinstance(l, Mixed))
         return OpClass(REFUSED, reason)
+    if info is not None and info.family == "shared_mask":
+        return OpClass(STATIC, "a dropout mask drawn once for all steps: the spike pass's, reused by the rate pass")
     if not any(is_temporal(l) for l in inputs.values()):
         if info is not None and info.family == "dropout" and _dropout_active(node, ctx):
             return OpClass(APPROXIMATE, "dropout draws a different mask in the rate pass")

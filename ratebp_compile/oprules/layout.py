@@ -383,6 +383,7 @@ _LAYOUT_RULES: Dict[str, Callable] = {
     "meta": lambda node, ctx, info: None,
     "state": lambda node, ctx, info: None,
     "state_trace": _broadcast_operands_layout,    # laid out like the neuron's input
+    "shared_mask": lambda node, ctx, info: None,  # one step's shape, the same at every step
 }
 
 

@@ -150,6 +150,8 @@ def _build_function_table() -> Tuple[Dict[Any, OpInfo], Dict[str, OpInfo]]:
     from ..kernels.lif_cell import final_membrane
     functions[per_step_batch_norm] = OpInfo("batchnorm", "per_step_batch_norm", True)
     functions[final_membrane] = OpInfo("state", "final_membrane", False)
+    from ..graph_ops import dropout_mask
+    functions[dropout_mask] = OpInfo("shared_mask", "dropout_mask", False)
     return functions, methods
 
 

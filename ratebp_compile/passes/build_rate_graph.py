@@ -9,8 +9,8 @@ import torch.fx as fx
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..capture import propagate_shapes
-from ..graph_ops import (batch_norm_no_update, rate_batch_norm, rate_neuron, route_gradient, state_output,
-                         time_average, update_batch_norm_stats)
+from ..graph_ops import (batch_norm_no_update, dropout_mask, rate_batch_norm, rate_neuron, route_gradient,
+                         state_output, time_average, update_batch_norm_stats)
 from ..hooks import ModuleHooks
 from ..errors import RateBPError, describe_node
 from ..nn.spec import NeuronSpec, StateTrace
@@ -95,6 +95,8 @@ class _RateBuilder:
                                   f"(compute the loss on spikes)")
             self.readouts[node] = self.readouts[read[0]]
             return None
+        if node.target is dropout_mask:
+            return self.inputs[node, "mask"]        # the spike pass's mask: the same at every step
         if isinstance(node.target, NeuronSpec):
             spec: NeuronSpec = node.target
             x, *params = [self.env[a] for a in node.args]

@@ -9,7 +9,8 @@ import torch.fx as fx
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..capture import propagate_shapes
-from ..graph_ops import spike_batch_norm, spike_batch_norm_per_step, update_batch_norm_stats, without_grad
+from ..graph_ops import (dropout_mask, spike_batch_norm, spike_batch_norm_per_step, update_batch_norm_stats,
+                         without_grad)
 from ..nn.spec import NeuronSpec
 from .batchnorm_parts import batchnorm_parts, is_batchnorm, uses_batch_statistics
 from .infra import (PassResult, at_node, check_values, copy_meta, identifier, postcondition, require,
@@ -27,8 +28,8 @@ OUTPUT_INDEX = "ratebp.output"      # program node meta: index of a spike-pass o
 @dataclass(frozen=True)
 class Statistic:
     """One value the spike pass hands the rate pass: a neuron's rate (role ``"r"``), eligibility (``"e"``)
-    or the eligibility of one of its parameters (``"e_<param>"``), or the batch ``"mean"`` or ``"var"`` of
-    a BatchNorm with statistics over time and batch."""
+    or the eligibility of one of its parameters (``"e_<param>"``), the batch ``"mean"`` or ``"var"`` of
+    a BatchNorm with statistics over time and batch, or a dropout ``"mask"`` shared by all steps."""
 
     name: str           # unique in the program: the step graph's node and the rate graph's input
     role: str
@@ -91,6 +92,9 @@ def _build(source: fx.GraphModule):
                 x = node.args[0].meta["val"]
                 count = x.numel() // x.shape[1] // (parts.per_step or 1)      # samples per statistic
                 bn_updates.append((parts, count, mean, var))
+            elif node.target is dropout_mask:       # drawn once, handed to the rate pass
+                env[node] = g.node_copy(node, env.__getitem__)
+                aux.append((_statistic(node, "mask", node.name, taken), env[node]))
             else:
                 env[node] = g.node_copy(node, env.__getitem__)
     return g, aux, bn_updates, output_leaves, output_spec

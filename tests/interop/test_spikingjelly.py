@@ -19,12 +19,14 @@ from spikingjelly.activation_based import functional, layer, neuron, surrogate  
 from tests.interop import spikingjelly_harness as H  # noqa: E402
 
 MODELS = {m.name: m for m in H.models()}
-# not yet: layer.Dropout (refused, see test_dropout_is_refused_clearly)
-RUNNABLE = [n for n, m in MODELS.items() if not m.dropout]
-def _step(model, x, loss_fn, method, time_major=True):
-    """One training step from reset neurons (SpikingJelly requires reset_net before each batch)."""
+RUNNABLE = list(MODELS)
+def _step(model, x, loss_fn, method, time_major=True, seed=0):
+    """One training step from reset neurons (SpikingJelly requires reset_net before each batch), drawing
+    layer.Dropout's mask from the random numbers the harness gives SpikingJelly (``seed``)."""
     functional.reset_net(model)
-    return train_step(model, x, loss_fn, method, input_layout="TB" if time_major else "static")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return train_step(model, x, loss_fn, method, input_layout="TB" if time_major else "static")
 
 
 @pytest.mark.parametrize("name", RUNNABLE)
@@ -93,10 +95,26 @@ def test_a_neuron_holding_state_from_an_earlier_call_is_refused():
     rc.transform(model)(x)
 
 
-def test_dropout_is_refused_clearly():
+def test_dropout_shares_one_mask_over_time_in_both_passes():
+    """layer.Dropout draws one mask per sequence: the spike pass draws it (as SpikingJelly would, from the
+    same random numbers), the rate pass reuses it; a single-step Dropout, or one holding an earlier mask,
+    is refused."""
     model = torch.nn.Sequential(layer.Linear(4, 6), neuron.LIFNode(step_mode="m"), layer.Dropout(0.5, step_mode="m"))
-    with pytest.raises(rc.RateBPError, match=r"module '2' .*Dropout keeps one mask per sequence"):
-        rc.transform(model)(torch.rand(3, 2, 4))
+    gm = rc.transform(model)
+    x = torch.rand(3, 2, 4)
+    gm(x)
+    program = gm.programs[0]
+    assert [s.role for s in program.statistics].count("mask") == 1
+    single = torch.nn.Sequential(layer.Linear(4, 6), layer.Dropout(0.5))          # step_mode 's'
+    with pytest.raises(rc.RateBPError, match=r"module '1' .*Dropout\) cannot be compiled: a single-step Dropout"):
+        rc.transform(single)(x[0])
+    held = torch.nn.Sequential(layer.Linear(4, 6), neuron.LIFNode(step_mode="m"), layer.Dropout(0.5, step_mode="m"))
+    compiled = rc.transform(held)
+    compiled(x)
+    held(x)                                        # eager, no reset_net: the mask stays
+    held[1].reset()
+    with pytest.raises(rc.RateBPError, match=r"holds the dropout mask of an earlier call"):
+        compiled(x)                                # the guard sees it: recompiles, and refuses
 
 
 # -- torch.compile(model, backend="ratebp"): Dynamo records SpikingJelly's neurons as its own custom ops ----
@@ -161,3 +179,30 @@ def test_a_monitor_hook_on_a_spikingjelly_neuron_sees_its_spikes():
     assert len(records["ours"]) == len(records["theirs"]) == len(H.neuron_modules(model))
     for ours, theirs in zip(records["ours"], records["theirs"]):
         torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+
+
+def test_dropout_mask_is_drawn_once_when_the_spike_pass_is_streamed():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(layer.Linear(4, 16), neuron.LIFNode(step_mode="m"), layer.Dropout(0.5, step_mode="m"),
+                              layer.Linear(16, 3), neuron.IFNode(step_mode="m"))
+    x = torch.rand(6, 5, 4) * 4
+    results = []
+    for chunk in (None, 2):
+        model = copy.deepcopy(net)
+        out, grads = _step(model, x, lambda out: out.sum(), "ratebp", seed=3) if chunk is None else \
+            _step_streamed(model, x, chunk)
+        results.append((out, grads))
+    assert torch.equal(results[0][0], results[1][0])
+    for name, g in results[0][1].items():
+        torch.testing.assert_close(results[1][1][name], g, rtol=0, atol=1e-6, msg=name)
+
+
+def _step_streamed(model, x, chunk):
+    functional.reset_net(model)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(3)
+        tm = rc.transform(model, time_chunk=chunk)
+        out = tm(x)
+        out.sum().backward()
+    assert tm.programs[0].step.meta["ratebp.streamed"].startswith("in chunks of at most 2")
+    return out.detach(), {n: p.grad for n, p in model.named_parameters()}
