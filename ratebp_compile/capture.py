@@ -38,8 +38,8 @@ from torch.fx._symbolic_trace import _orig_module_getattr
 from torch.nn.utils import parametrize
 
 from .errors import RateBPError, describe_node, user_frame
-from .interop import PORTING, UnsupportedNeuron, rewrite_for
 from .hooks import ModuleHooks, check_hooks_supported, forward_hooks, hooked_modules, hooks_suspended
+from .interop import PORTING, UnsupportedNeuron, rewrite_for
 from .nn.neuron import Neuron
 from .nn.spec import NeuronSpec, call_form, cell_spec, is_single_step, neuron_spec, registered_neuron_types
 from .statewatch import StateWatch
@@ -454,7 +454,8 @@ def _restored_attributes(root: torch.nn.Module):
     state of a single-step neuron, say, which another library may keep in a buffer its forward — or a
     reset the user's forward calls — replaces: snnTorch's ``mem``, SpikingJelly's memories)."""
     stores = ("_buffers", "_parameters", "_memories")
-    saved = {m: (dict(vars(m)), {name: dict(vars(m)[name]) for name in stores if isinstance(vars(m).get(name), dict)})
+    saved = {m: (dict(vars(m)), {name: dict(vars(m)[name]) for name in stores
+                                 if isinstance(vars(m).get(name), dict)})
              for m in root.modules()}
     try:
         yield

@@ -35,10 +35,10 @@ import torch
 import torch.fx
 
 from ..families import LIFDynamics
+from ..graph_ops import dropout_mask
 from ..nn import surrogate as ours
 from ..nn.multistep import register_state_reset
 from ..nn.spec import NeuronOp, NeuronSpec, register_neuron, register_neuron_op
-from ..graph_ops import dropout_mask
 from . import UnsupportedNeuron, register_rewrite
 
 __all__ = []

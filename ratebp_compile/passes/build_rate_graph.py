@@ -9,10 +9,10 @@ import torch.fx as fx
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..capture import propagate_shapes
+from ..errors import RateBPError, describe_node
 from ..graph_ops import (batch_norm_no_update, dropout_mask, rate_batch_norm, rate_neuron, route_gradient,
                          state_output, time_average, update_batch_norm_stats)
 from ..hooks import ModuleHooks
-from ..errors import RateBPError, describe_node
 from ..nn.spec import NeuronSpec, StateTrace
 from ..oprules import BATCHNORM, STATE, op_info
 from ..time_layout import TimeLayout

@@ -10,10 +10,10 @@ import torch.fx as fx
 from networkx.algorithms.isomorphism import DiGraphMatcher
 
 from ..errors import RateBPError, describe_node
-from ..interop import PORTING
+from ..families.lif import spec_from_op_args
 from ..graph_ops import per_step_batch_norm
 from ..hooks import ModuleHooks
-from ..families.lif import spec_from_op_args
+from ..interop import PORTING
 from ..kernels.lif import op_arguments
 from ..kernels.lif_cell import final_membrane
 from ..nn.spec import StateTrace, call_form, cell_spec, is_single_step

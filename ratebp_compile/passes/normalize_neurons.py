@@ -7,10 +7,10 @@ import re
 import torch
 import torch.fx as fx
 
-from ..families.lif import spec_from_op_args
-from ..kernels.lif import op_arguments
 from ..errors import RateBPError, describe_node
+from ..families.lif import spec_from_op_args
 from ..interop import PORTING, UnsupportedNeuron
+from ..kernels.lif import op_arguments
 from ..nn.spec import FinalMembrane, NeuronSpec, call_form, neuron_op, neuron_spec
 from .infra import PassResult, at_node, constant_value, copy_meta, postcondition, require
 
