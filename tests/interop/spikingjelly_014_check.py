@@ -3,7 +3,8 @@ API of the rate-based paper's code; it cannot be installed beside 2.x): a multi-
 single-step loop, unmodified, through ``rc.transform``. Prints one JSON object of comparisons:
 
 - ``*_out``: max |ours − SpikingJelly's forward|;
-- ``*_bptt``: max relative error of ``method="bptt"`` gradients against SpikingJelly's own autograd;
+- ``*_bptt``: max relative error of ``method="bptt"`` gradients against SpikingJelly's own autograd (the
+  ``dropout`` net draws its MultiStepDropout mask from the same random numbers);
 - ``*_rate``: max relative error of the rate-based gradients against those of the same network written
   with ``rc.nn`` neurons (SpikingJelly's LIF with v_reset = 0 is ``rc.nn.LIF(decay_input=True,
   v_reset=0.0, detach_reset=False)``).
@@ -47,6 +48,12 @@ def ours_equivalent(net):
     return twin
 
 
+def with_dropout():
+    return torch.nn.Sequential(
+        layer.SeqToANNContainer(torch.nn.Linear(5, 8)), neuron.MultiStepLIFNode(tau=2.0),
+        layer.MultiStepDropout(0.3), layer.SeqToANNContainer(torch.nn.Linear(8, 3)), neuron.MultiStepIFNode())
+
+
 def grads(model):
     return [p.grad.clone() for p in model.parameters()]
 
@@ -58,7 +65,7 @@ def rel(a, b):
 def main():
     x = torch.rand(T, B, 5) * 2.5
     results = {}
-    for name, build in (("multi", multi_step), ("single", SingleStepLoop)):
+    for name, build in (("multi", multi_step), ("single", SingleStepLoop), ("dropout", with_dropout)):
         net = build()
         with torch.no_grad():
             for m in net.modules():
@@ -66,8 +73,10 @@ def main():
                     m.weight.abs_().mul_(1.5)
         peer = copy.deepcopy(net)
         functional.reset_net(peer)
+        torch.manual_seed(1)                          # the same dropout mask for both
         expected = peer(x)
         expected.square().sum().backward()
+        torch.manual_seed(1)
         out = rc.transform(net, method="bptt")(x)
         out.square().sum().backward()
         results[f"{name}_out"] = (out - expected).abs().max().item()
