@@ -17,7 +17,11 @@ as j + (−dt·τ_syn⁻¹)·j), so that with the same coefficients the forward 
 
 The state is ``(v, i)``, the order of Norse's ``LIFFeedForwardState(v, i)``. There are no learnable
 parameters: Norse keeps its constants in a ``LIFParameters`` namedtuple, not as module parameters.
-The eligibility comes from forward-mode AD through ``step`` (``Family.scan``).
+
+The eligibility has a closed form: the same recurrence carries the sensitivities to an input c held
+constant in time (dj = di + 1, dṽ = dv + a·(dj − dv), di' = (1 − b)·dj, dz = ψ·dṽ,
+dv' = (1 − z)·dṽ + (v_reset − ṽ)·dz) and e = mean_t dz_t — what forward-mode AD through ``step`` gives
+(``Family.scan``, the test oracle), without its cost.
 """
 from __future__ import annotations
 
@@ -29,6 +33,20 @@ from ..nn.surrogate import SuperSpike, Surrogate, spike
 from .base import Family
 
 __all__ = ["CurrentLIFDynamics"]
+
+
+@dataclass
+class _Carry:
+    """The closed-form spike pass's state between chunks of time: the membrane and current, their
+    sensitivities to a constant input, the sums of the spikes and of their sensitivities, the steps."""
+
+    v: torch.Tensor
+    i: torch.Tensor
+    dv: torch.Tensor
+    di: torch.Tensor
+    r: torch.Tensor
+    e: torch.Tensor
+    steps: int = 0
 
 
 @dataclass(frozen=True)
@@ -75,6 +93,35 @@ class CurrentLIFDynamics(Family):
         z = spike(v_decayed - self.v_th, self.surrogate, strict=True)
         v = (1 - z) * v_decayed + z * self.v_reset
         return z, (v, i)
+
+    # -- closed-form spike pass ----------------------------------------------------------------
+    @torch.no_grad()
+    def scan(self, x_seq, carry, params, spike_dtype=None):
+        if carry is None:
+            v, i = self.init_state(x_seq[0])
+            carry = _Carry(v, i, torch.zeros_like(v), torch.zeros_like(v), torch.zeros_like(v), torch.zeros_like(v))
+        a, nb = self.dt * self.tau_mem_inv, -self.dt * self.tau_syn_inv      # as ``step`` computes them
+        v, i, dv, di = carry.v, carry.i, carry.dv, carry.di
+        spikes = torch.empty(x_seq.shape, dtype=spike_dtype or x_seq.dtype, device=x_seq.device)
+        for t in range(x_seq.shape[0]):
+            j, dj = i + x_seq[t], di + 1.0
+            v_decayed = v + a * ((self.v_leak - v) + j)
+            dv_decayed = dv + a * (dj - dv)
+            i, di = j + nb * j, dj + nb * dj
+            u = v_decayed - self.v_th
+            z = (u > 0).to(u.dtype)
+            dz = self.surrogate.grad(u) * dv_decayed
+            v = (1 - z) * v_decayed + z * self.v_reset
+            dv = (1 - z) * dv_decayed + (self.v_reset - v_decayed) * dz
+            carry.r += z
+            carry.e += dz
+            spikes[t] = z
+        carry.v, carry.i, carry.dv, carry.di = v, i, dv, di
+        carry.steps += x_seq.shape[0]
+        return spikes, carry
+
+    def finish(self, carry, params, dtype):
+        return ((carry.r / carry.steps).to(dtype), (carry.e / carry.steps).to(dtype))
 
     def describe(self) -> str:
         parts = [f"τ_syn⁻¹={self.tau_syn_inv:g}", f"τ_mem⁻¹={self.tau_mem_inv:g}", f"dt={self.dt:g}",
