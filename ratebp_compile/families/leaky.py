@@ -164,6 +164,19 @@ class SnnTorchConstants:
         return ", ".join(parts)
 
 
+@dataclass
+class _LeakyCarry:
+    """The closed-form spike pass's state between chunks: the membrane and its sensitivity to each
+    direction (None: the input; else a constant's name), the sums of the spikes and of their
+    sensitivities, the steps so far."""
+
+    m: torch.Tensor
+    dm: Dict[Optional[str], torch.Tensor]
+    r: torch.Tensor
+    e: Dict[Optional[str], torch.Tensor]
+    steps: int = 0
+
+
 @dataclass(frozen=True)
 class LeakyDynamics(SnnTorchConstants, Family):
     """The constants of one snnTorch ``Leaky`` neuron (see the module docstring for the equations).
@@ -211,6 +224,64 @@ class LeakyDynamics(SnnTorchConstants, Family):
             h = h - r * th
         s, m = fire_and_reset(self, ops, h, r, th, c["graded_spikes_factor"])
         return s, (m,)
+
+    # -- closed-form spike pass ----------------------------------------------------------------
+    @torch.no_grad()
+    def scan(self, x_seq, carry, params, spike_dtype=None):
+        """The spike pass with its eligibilities in closed form: the recurrence of the module docstring
+        carries, next to m, its sensitivity dm to each direction — an input held constant in time, and
+        each learnable constant (one per element) — so that e = mean_t ds_t, with ds = g·ψ·(dm̃ − dθ) +
+        dg·H. What forward-mode AD through ``step`` computes (``Family.scan``, the test oracle)."""
+        c = self.constants(tuple(p.detach() for p in params))
+        beta, th, g = c["beta"], c["threshold"], c["graded_spikes_factor"]
+        unit = not isinstance(g, torch.Tensor) and g == 1.0
+        directions = (None,) + tuple(self.params)
+        # d(constant)/d(direction): 1 for a constant's own direction (β's through its clamp), else 0
+        raw_beta = dict(zip(self.params, params)).get("beta")
+        dbeta = {"beta": ((raw_beta >= 0) & (raw_beta <= 1)).to(x_seq.dtype)} if raw_beta is not None else {}
+        if carry is None:
+            m = torch.zeros_like(x_seq[0])
+            carry = _LeakyCarry(m, {d: torch.zeros_like(m) for d in directions}, torch.zeros_like(m),
+                                {d: torch.zeros_like(m) for d in directions})
+        m, dm = carry.m, carry.dm
+        spikes = torch.empty(x_seq.shape, dtype=spike_dtype or x_seq.dtype, device=x_seq.device)
+        for t in range(x_seq.shape[0]):
+            r = ((m - th) > 0).to(m.dtype)
+            keep = 1 - r
+            m0, dm0 = (keep * m, {d: keep * v for d, v in dm.items()}) if self.reset == "zero" else (m, dm)
+            h = beta * m0 + x_seq[t]
+            dh = {d: dbeta.get(d, 0.0) * m0 + beta * dm0[d] + (1.0 if d is None else 0.0) for d in directions}
+            if self.reset == "subtract":
+                h = h - r * th
+                if "threshold" in dh:
+                    dh["threshold"] = dh["threshold"] - r
+            u = h - th
+            fired = (u > 0).to(u.dtype)
+            psi = self.surrogate.grad(u)
+            du = {d: dh[d] - (1.0 if d == "threshold" else 0.0) for d in directions}
+            s = fired if unit else fired * g
+            for d in directions:
+                ds = psi * du[d] if unit else g * psi * du[d]
+                carry.e[d] += ds + fired if d == "graded_spikes_factor" else ds
+            if self.reset_delay or self.reset == "none":
+                m, dm = h, dh
+            else:
+                do_reset = (fired if unit else s / g) - r
+                if self.reset == "subtract":
+                    m = h - do_reset * th
+                    dm = {d: dh[d] - psi * du[d] * th - (do_reset if d == "threshold" else 0.0) for d in directions}
+                else:
+                    m = h - do_reset * h
+                    dm = {d: dh[d] - psi * du[d] * h - do_reset * dh[d] for d in directions}
+            carry.r += s
+            spikes[t] = s
+        carry.m, carry.dm = m, dm
+        carry.steps += x_seq.shape[0]
+        return spikes, carry
+
+    def finish(self, carry, params, dtype):
+        out = (carry.r, carry.e[None]) + tuple(carry.e[name] for name in self.params)
+        return tuple((t / carry.steps).to(dtype) for t in out)
 
     def describe(self) -> str:
         return f"Leaky({self._describe_constant('β', 'beta')}, {self._describe_constant('θ', 'threshold')}, " \
