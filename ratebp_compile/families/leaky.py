@@ -28,7 +28,9 @@ s_t/g, which snnTorch computes literally, and so does this family).
 beta, threshold and g are each a float or, where the field is None, one of the neuron's parameters
 (tensors broadcast against the input: a learned scalar, or one value per channel), passed to ``step``
 in the order ``params`` names them. The state is ``(m,)``: r_t is a function of m_{t−1}, so nothing
-else is needed. The eligibility comes from forward-mode AD through ``step`` (``Family.scan``).
+else is needed. The eligibility has a closed form (:func:`closed_form_scan`: the sensitivities to the
+input and to each learnable constant carried through the same recurrence, in one loop), tested against
+forward-mode AD through ``step`` (``Family.scan``).
 """
 from __future__ import annotations
 
@@ -41,7 +43,8 @@ import torch.autograd.forward_ad as fwAD
 from ..nn.surrogate import ATan, Surrogate, spike
 from .base import Family, Params
 
-__all__ = ["LeakyDynamics", "RESETS", "Operands", "reset_signal", "fire_and_reset"]
+__all__ = ["LeakyDynamics", "RESETS", "Operands", "reset_signal", "fire_and_reset", "closed_form_scan",
+           "closed_form_finish"]
 
 RESETS = ("subtract", "zero", "none")
 
@@ -111,6 +114,79 @@ def fire_and_reset(dyn, ops: Operands, h: torch.Tensor, r: torch.Tensor, thresho
     return s, h - do_reset * h
 
 
+@dataclass
+class _Carry:
+    """The closed-form spike pass's state between chunks: the state and its sensitivity to each direction
+    (None: the input; else a constant's name), the sums of the spikes and of their sensitivities, the steps."""
+
+    state: tuple
+    dstate: tuple
+    r: torch.Tensor
+    e: Dict[Optional[str], torch.Tensor]
+    steps: int = 0
+
+
+@torch.no_grad()
+def closed_form_scan(dyn, x_seq, carry, params, spike_dtype=None):
+    """The spike pass of a snnTorch family with its eligibilities in closed form: the recurrence carries,
+    next to the state, its sensitivity to each direction — an input held constant in time, and each learnable
+    constant (one per element) — so that e = mean_t ds_t, with ds = g·ψ·(dm̃ − dθ) + dg·H (and the immediate
+    reset's terms). What forward-mode AD through ``step`` computes (``Family.scan``, the test oracle); the
+    family gives the candidate membrane (``_candidate``)."""
+    raw = dict(zip(dyn.params, params))
+    c = dyn.constants(tuple(p.detach() for p in params))
+    directions = (None,) + tuple(dyn.params)
+    # d(constant)/d(direction): 1 for a constant's own direction (through the clamp for β and α), else 0
+    dc = {}
+    for name in dyn.CONSTANTS:
+        own = 1.0
+        if name in dyn.CLAMPED and name in raw:
+            own = ((raw[name] >= 0) & (raw[name] <= 1)).to(x_seq.dtype)
+        dc[name] = {d: own if d == name else 0.0 for d in directions}
+    th, g = c["threshold"], c["graded_spikes_factor"]
+    unit = not isinstance(g, torch.Tensor) and g == 1.0
+    if carry is None:
+        state = tuple(dyn.init_state(x_seq[0]))
+        carry = _Carry(state, tuple({d: torch.zeros_like(v) for d in directions} for v in state),
+                       torch.zeros_like(state[-1]), {d: torch.zeros_like(state[-1]) for d in directions})
+    state, dstate = carry.state, carry.dstate
+    spikes = torch.empty(x_seq.shape, dtype=spike_dtype or x_seq.dtype, device=x_seq.device)
+    for t in range(x_seq.shape[0]):
+        m = state[-1]
+        r = ((m - th) > 0).to(m.dtype)
+        h, dh, rest = dyn._candidate(x_seq[t], c, dc, state, dstate, r, directions)
+        u = h - th
+        fired = (u > 0).to(u.dtype)
+        psi = dyn.surrogate.grad(u)
+        du = {d: dh[d] - dc["threshold"][d] for d in directions}
+        s = fired if unit else fired * g
+        for d in directions:
+            ds = psi * du[d] if unit else g * psi * du[d]
+            carry.e[d] += ds + dc["graded_spikes_factor"][d] * fired
+        if dyn.reset_delay or dyn.reset == "none":
+            m, dm = h, dh
+        else:
+            do_reset = (fired if unit else s / g) - r
+            if dyn.reset == "subtract":
+                m = h - do_reset * th
+                dm = {d: dh[d] - psi * du[d] * th - do_reset * dc["threshold"][d] for d in directions}
+            else:
+                m = h - do_reset * h
+                dm = {d: dh[d] - psi * du[d] * h - do_reset * dh[d] for d in directions}
+        state, dstate = (rest[0] + (m,), rest[1] + (dm,)) if rest else ((m,), (dm,))
+        carry.r += s
+        spikes[t] = s
+    carry.state, carry.dstate = state, dstate
+    carry.steps += x_seq.shape[0]
+    return spikes, carry
+
+
+def closed_form_finish(dyn, carry, params, dtype):
+    """``(r, e, *e_params)`` averaged over the steps scanned, in ``dtype``."""
+    out = (carry.r, carry.e[None]) + tuple(carry.e[name] for name in dyn.params)
+    return tuple((t / carry.steps).to(dtype) for t in out)
+
+
 class SnnTorchConstants:
     """What snnTorch's Leaky and Synaptic families share: constants that are floats or parameters."""
 
@@ -164,19 +240,6 @@ class SnnTorchConstants:
         return ", ".join(parts)
 
 
-@dataclass
-class _LeakyCarry:
-    """The closed-form spike pass's state between chunks: the membrane and its sensitivity to each
-    direction (None: the input; else a constant's name), the sums of the spikes and of their
-    sensitivities, the steps so far."""
-
-    m: torch.Tensor
-    dm: Dict[Optional[str], torch.Tensor]
-    r: torch.Tensor
-    e: Dict[Optional[str], torch.Tensor]
-    steps: int = 0
-
-
 @dataclass(frozen=True)
 class LeakyDynamics(SnnTorchConstants, Family):
     """The constants of one snnTorch ``Leaky`` neuron (see the module docstring for the equations).
@@ -226,62 +289,22 @@ class LeakyDynamics(SnnTorchConstants, Family):
         return s, (m,)
 
     # -- closed-form spike pass ----------------------------------------------------------------
-    @torch.no_grad()
-    def scan(self, x_seq, carry, params, spike_dtype=None):
-        """The spike pass with its eligibilities in closed form: the recurrence of the module docstring
-        carries, next to m, its sensitivity dm to each direction — an input held constant in time, and
-        each learnable constant (one per element) — so that e = mean_t ds_t, with ds = g·ψ·(dm̃ − dθ) +
-        dg·H. What forward-mode AD through ``step`` computes (``Family.scan``, the test oracle)."""
-        c = self.constants(tuple(p.detach() for p in params))
-        beta, th, g = c["beta"], c["threshold"], c["graded_spikes_factor"]
-        unit = not isinstance(g, torch.Tensor) and g == 1.0
-        directions = (None,) + tuple(self.params)
-        # d(constant)/d(direction): 1 for a constant's own direction (β's through its clamp), else 0
-        raw_beta = dict(zip(self.params, params)).get("beta")
-        dbeta = {"beta": ((raw_beta >= 0) & (raw_beta <= 1)).to(x_seq.dtype)} if raw_beta is not None else {}
-        if carry is None:
-            m = torch.zeros_like(x_seq[0])
-            carry = _LeakyCarry(m, {d: torch.zeros_like(m) for d in directions}, torch.zeros_like(m),
-                                {d: torch.zeros_like(m) for d in directions})
-        m, dm = carry.m, carry.dm
-        spikes = torch.empty(x_seq.shape, dtype=spike_dtype or x_seq.dtype, device=x_seq.device)
-        for t in range(x_seq.shape[0]):
-            r = ((m - th) > 0).to(m.dtype)
-            keep = 1 - r
-            m0, dm0 = (keep * m, {d: keep * v for d, v in dm.items()}) if self.reset == "zero" else (m, dm)
-            h = beta * m0 + x_seq[t]
-            dh = {d: dbeta.get(d, 0.0) * m0 + beta * dm0[d] + (1.0 if d is None else 0.0) for d in directions}
-            if self.reset == "subtract":
-                h = h - r * th
-                if "threshold" in dh:
-                    dh["threshold"] = dh["threshold"] - r
-            u = h - th
-            fired = (u > 0).to(u.dtype)
-            psi = self.surrogate.grad(u)
-            du = {d: dh[d] - (1.0 if d == "threshold" else 0.0) for d in directions}
-            s = fired if unit else fired * g
-            for d in directions:
-                ds = psi * du[d] if unit else g * psi * du[d]
-                carry.e[d] += ds + fired if d == "graded_spikes_factor" else ds
-            if self.reset_delay or self.reset == "none":
-                m, dm = h, dh
-            else:
-                do_reset = (fired if unit else s / g) - r
-                if self.reset == "subtract":
-                    m = h - do_reset * th
-                    dm = {d: dh[d] - psi * du[d] * th - (do_reset if d == "threshold" else 0.0) for d in directions}
-                else:
-                    m = h - do_reset * h
-                    dm = {d: dh[d] - psi * du[d] * h - do_reset * dh[d] for d in directions}
-            carry.r += s
-            spikes[t] = s
-        carry.m, carry.dm = m, dm
-        carry.steps += x_seq.shape[0]
-        return spikes, carry
+    def _candidate(self, x_t, c, dc, state, dstate, r, directions):
+        """m̃_t and its sensitivities, from ``(m,)`` and its sensitivities ``({direction: dm},)``."""
+        (m,), (dm,) = state, dstate
+        keep = 1 - r
+        m0, dm0 = (keep * m, {d: keep * v for d, v in dm.items()}) if self.reset == "zero" else (m, dm)
+        h = c["beta"] * m0 + x_t
+        dh = {d: dc["beta"][d] * m0 + c["beta"] * dm0[d] + (1.0 if d is None else 0.0) for d in directions}
+        if self.reset == "subtract":
+            h = h - r * c["threshold"]
+            dh = {d: dh[d] - r * dc["threshold"][d] for d in directions}
+        return h, dh, ()
+
+    scan = closed_form_scan
 
     def finish(self, carry, params, dtype):
-        out = (carry.r, carry.e[None]) + tuple(carry.e[name] for name in self.params)
-        return tuple((t / carry.steps).to(dtype) for t in out)
+        return closed_form_finish(self, carry, params, dtype)
 
     def describe(self) -> str:
         return f"Leaky({self._describe_constant('β', 'beta')}, {self._describe_constant('θ', 'threshold')}, " \

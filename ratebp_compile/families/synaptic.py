@@ -22,7 +22,8 @@ detached.
 
 alpha, beta, threshold and g are each a float or (None) a parameter, passed to ``step`` in the order
 ``params`` names them. The state is ``(syn, m)``, the order of snnTorch's outputs ``(spk, syn, mem)``.
-The eligibility comes from forward-mode AD through ``step`` (``Family.scan``).
+The eligibility has a closed form (``leaky.closed_form_scan``: the current's and the membrane's
+sensitivities carried through the same recurrence), tested against forward-mode AD through ``step``.
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ import torch
 
 from ..nn.surrogate import ATan, Surrogate
 from .base import Family
-from .leaky import Operands, SnnTorchConstants, fire_and_reset, reset_signal
+from .leaky import Operands, SnnTorchConstants, closed_form_finish, closed_form_scan, fire_and_reset, reset_signal
 
 __all__ = ["SynapticDynamics"]
 
@@ -83,6 +84,28 @@ class SynapticDynamics(SnnTorchConstants, Family):
             h = h - h * r
         s, m = fire_and_reset(self, ops, h, r, th, c["graded_spikes_factor"])
         return s, (syn, m)
+
+    # -- closed-form spike pass ----------------------------------------------------------------
+    def _candidate(self, x_t, c, dc, state, dstate, r, directions):
+        """m̃_t and its sensitivities, and the new current with its: ``(h, dh, ((syn,), (dsyn,)))``."""
+        (syn, m), (dsyn, dm) = state, dstate
+        syn_next = c["alpha"] * syn + x_t
+        dsyn_next = {d: dc["alpha"][d] * syn + c["alpha"] * dsyn[d] + (1.0 if d is None else 0.0)
+                     for d in directions}
+        h = c["beta"] * m + syn_next
+        dh = {d: dc["beta"][d] * m + c["beta"] * dm[d] + dsyn_next[d] for d in directions}
+        if self.reset == "subtract":
+            h = h - r * c["threshold"]
+            dh = {d: dh[d] - r * dc["threshold"][d] for d in directions}
+        elif self.reset == "zero":
+            h = h - h * r
+            dh = {d: dh[d] - dh[d] * r for d in directions}
+        return h, dh, ((syn_next,), (dsyn_next,))
+
+    scan = closed_form_scan
+
+    def finish(self, carry, params, dtype):
+        return closed_form_finish(self, carry, params, dtype)
 
     def describe(self) -> str:
         return f"Synaptic({self._describe_constant('α', 'alpha')}, {self._describe_constant('β', 'beta')}, " \
