@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import operator
 import re
+from typing import Optional
 
 import torch
 import torch.fx as fx
 
 from ..errors import RateBPError, describe_node
-from ..families.lif import spec_from_op_args
+from ..families.lif import LIFDynamics, spec_from_op_args
 from ..interop import PORTING, UnsupportedNeuron
 from ..kernels.lif import op_arguments
 from ..nn.spec import FinalMembrane, NeuronSpec, call_form, neuron_op, neuron_spec
@@ -84,6 +85,9 @@ def _normalize_library_op(gm: fx.GraphModule, node: fx.Node, parse) -> None:
         form = parse(args)
     except UnsupportedNeuron as e:
         raise RateBPError(f"normalize_neurons: {where} cannot be compiled: {e} See {PORTING}.") from None
+    if _one_step(args[form.x]) is not None:
+        _as_cell_step(gm, node, form, args, where)
+        return
     if form.state is not None and not _at_rest(args[form.state], form.rest):
         raise RateBPError(f"normalize_neurons: {where} starts from a membrane that is not at rest (the module still "
                           f"holds the state of an earlier call): the compiled step always starts from rest; reset "
@@ -110,12 +114,79 @@ def _normalize_library_op(gm: fx.GraphModule, node: fx.Node, parse) -> None:
         gm.graph.erase_node(u)
     gm.graph.erase_node(node)
     if form.state is not None:           # full_like(x[0], rest): nothing else reads it
-        dead = args[form.state]
-        while isinstance(dead, fx.Node) and not dead.users and dead.op == "call_function" and \
-                dead.target in (torch.full_like, operator.getitem):
-            source = dead.args[0]
-            gm.graph.erase_node(dead)
-            dead = source
+        _erase_unused(args[form.state])
+
+
+def _one_step(x) -> Optional[fx.Node]:
+    """``x_t`` if ``x`` is ``x_t.unsqueeze(0)``: a library's multi-step op run on one step (SpikingJelly's
+    single-step neurons), else None."""
+    if not (isinstance(x, fx.Node) and x.op == "call_method" and x.target == "unsqueeze"):
+        return None
+    dim = x.args[1] if len(x.args) > 1 else x.kwargs.get("dim")
+    return x.args[0] if dim == 0 else None
+
+
+def _as_cell_step(gm: fx.GraphModule, node: fx.Node, form, args, where: str) -> None:
+    """A library's neuron op run on one step, its membrane handed from call to call (SpikingJelly's
+    single-step ``LIFNode`` under torch.compile: ``sj_lif::forward(x_t.unsqueeze(0), v, ...)``, ``v`` the
+    previous call's membrane) → ``ratebp::lif_cell_step(x_t, v, ...)``, the cell step ``fold_time`` folds
+    with its loop (the first call from rest: ``v`` None). Where the family or its settings have no cell
+    step (another family, a surrogate the kernels do not know, a resting potential other than 0), refused."""
+    dynamics, x_t = form.spec.dynamics, _one_step(args[form.x])
+    if not isinstance(dynamics, LIFDynamics) or dynamics.v_rest or not dynamics.fusable(x_t.meta.get("val")):
+        raise RateBPError(f"normalize_neurons: {where} runs one step per call under torch.compile with a setting "
+                          f"the cell step does not cover ({dynamics.describe()}); use step_mode='m', or "
+                          f"ratebp_compile.transform. See {PORTING}.")
+    state = args[form.state]
+    if _at_rest(state, form.rest):
+        v = None
+    elif isinstance(state, fx.Node) and state.target is operator.getitem and state.args[1] == 1 and \
+            _is_cell_step(state.args[0]):
+        v = state                             # the previous call's membrane (already a cell step's output 1)
+    else:
+        raise RateBPError(f"normalize_neurons: {where} starts from a membrane that is not at rest (the module still "
+                          f"holds the state of an earlier call): reset the network before each batch. See {PORTING}.")
+    params = [args[name] for name in form.params]
+    with gm.graph.inserting_before(node):
+        step = gm.graph.call_function(torch.ops.ratebp.lif_cell_step.default, (x_t, v, *dynamics.op_args(params)))
+        spikes = gm.graph.call_function(operator.getitem, (step, 0))
+        membrane = gm.graph.call_function(operator.getitem, (step, 1))
+    copy_meta(step, node, "normalize_neurons", (x_t.meta["val"], x_t.meta["val"]))
+    copy_meta(spikes, node, "normalize_neurons", x_t.meta["val"])
+    copy_meta(membrane, node, "normalize_neurons", x_t.meta["val"])
+    for u in list(node.users):
+        role = form.outputs[u.args[1]] if u.target is operator.getitem else None
+        if role == "spikes":                  # spikes[0]: the step's spikes
+            for w in list(u.users):
+                if not (w.target is operator.getitem and w.args[1] == 0):
+                    raise RateBPError(f"normalize_neurons: {where}: its one-step spikes are used other than as "
+                                      f"spikes[0]")
+                w.replace_all_uses_with(spikes)
+                gm.graph.erase_node(w)
+        elif role == "membrane":
+            u.replace_all_uses_with(membrane)
+        elif u.users:
+            raise RateBPError(f"normalize_neurons: {where}: only its spikes and its membrane may be used")
+        gm.graph.erase_node(u)
+    gm.graph.erase_node(node)
+    _erase_unused(args[form.x])
+    _erase_unused(state)
+
+
+def _is_cell_step(node) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and \
+        getattr(node.target, "_overloadpacket", node.target) is torch.ops.ratebp.lif_cell_step
+
+
+def _erase_unused(dead) -> None:
+    """Erase ``dead`` and the inputs it leaves unused, along a chain of indexing, ``unsqueeze`` and
+    ``full_like`` (what a library builds its op's arguments with)."""
+    while isinstance(dead, fx.Node) and not dead.users and \
+            ((dead.op == "call_function" and dead.target in (torch.full_like, operator.getitem)) or
+             (dead.op == "call_method" and dead.target == "unsqueeze")):
+        source = dead.args[0]
+        dead.graph.erase_node(dead)
+        dead = source
 
 
 def _normalize(gm: fx.GraphModule, node: fx.Node) -> bool:
@@ -201,8 +272,10 @@ def normalize_neurons(gm: fx.GraphModule) -> PassResult:
     neuron module's forward is its fused op, ``spikes = ratebp.lif_bptt_forward(x, 0.5, None, ...)[0]``
     becomes the same node, its spec read off the op's arguments; so does another library's neuron op
     (``register_neuron_op``: SpikingJelly's ``sj_lif::forward(x, full_like(x[0], v_reset), tau, ...)``),
-    whose final-membrane output becomes ``FinalMembrane(spec)(x)``. A neuron whose call returns a tuple
-    (Norse's ``z, s = lif(x)``) keeps its spikes; its state must go unused.
+    whose final-membrane output becomes ``FinalMembrane(spec)(x)``; run on one step with the previous
+    call's membrane (a SpikingJelly single-step neuron in a loop), it becomes
+    ``ratebp.lif_cell_step(x_t, v, ...)``, a cell step ``fold_time`` folds. A neuron whose call returns a
+    tuple (Norse's ``z, s = lif(x)``) keeps its spikes; its state must go unused.
 
     Holds before: the graph comes from ``capture`` (neurons are ``call_module`` leaves).
     Holds after: no ``call_module`` targets a multi-step neuron; every neuron node has

@@ -119,7 +119,7 @@ def test_dropout_shares_one_mask_over_time_in_both_passes():
 
 # -- torch.compile(model, backend="ratebp"): Dynamo records SpikingJelly's neurons as its own custom ops ----
 BACKEND = ["mlp_lif", "plif", "lif_vreset_neg", "if_soft_reset_detach", "lif_no_decay_input", "conv_maxpool",
-           "mlp_sg_erf", "zoo_spiking_resnet18"]
+           "mlp_sg_erf", "zoo_spiking_resnet18", "single_step_loop", "single_step_loop_reset", "seq_to_ann"]
 
 
 @pytest.mark.parametrize("method", ["ratebp", "bptt"])
