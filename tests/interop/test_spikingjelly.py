@@ -206,3 +206,23 @@ def _step_streamed(model, x, chunk):
         out.sum().backward()
     assert tm.programs[0].step.meta["ratebp.streamed"].startswith("in chunks of at most 2")
     return out.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+
+def test_backend_refuses_a_single_step_neuron_without_a_cell_step():
+    """Under torch.compile a single-step neuron runs as a cell step: for a resting potential other than 0
+    there is none, and it is refused (rc.transform compiles it)."""
+    class Loop(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.sn = torch.nn.Linear(4, 6), neuron.LIFNode(v_reset=-0.1)
+
+        def forward(self, x):
+            return torch.stack([self.sn(self.fc(x_t)) for x_t in x])
+
+    model, x = Loop(), torch.rand(3, 2, 4)
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match=r"runs one step per call under torch.compile with a setting the cell step "
+                                        r"does not cover.*rests at -0.1"):
+        torch.compile(model, backend="ratebp", options={"compiler": "eager"})(x)
+    functional.reset_net(model)
+    train_step(model, x, lambda out: out.sum(), "ratebp")
