@@ -38,13 +38,11 @@ from dataclasses import dataclass, field
 from typing import ClassVar, Dict, Optional, Tuple, Union
 
 import torch
-import torch.autograd.forward_ad as fwAD
 
 from ..nn.surrogate import ATan, Surrogate, spike
 from .base import Family, Params
 
-__all__ = ["LeakyDynamics", "RESETS", "Operands", "reset_signal", "fire_and_reset", "closed_form_scan",
-           "closed_form_finish"]
+__all__ = ["LeakyDynamics", "SnnTorchConstants", "RESETS", "reset_signal", "fire_and_reset"]
 
 RESETS = ("subtract", "zero", "none")
 
@@ -58,53 +56,18 @@ def _clamp01(v: Value) -> Value:
     return min(max(v, 0.0), 1.0)
 
 
-def _tangent(v) -> Optional[torch.Tensor]:
-    return fwAD.unpack_dual(v).tangent if isinstance(v, torch.Tensor) else None
-
-
-class Operands:
-    """Gives every operand of a step a tangent during a forward-AD pass.
-
-    In PyTorch 2.13 forward-mode AD of an op between a dual tensor and one without a tangent (a
-    plain tensor or a Python number) takes the zero-tangent path, which runs Python reference kernels:
-    ~0.3 ms per op on CPU whatever the size (the spike pass ran ~6x slower). So while any of the step's inputs
-    is dual, ``lift`` makes plain tensors dual with a zero tangent, and Python numbers 0-dim tensors
-    of the input's dtype (float32/float64 only, where that changes no value: the number is exactly
-    what the op would have cast it to). Outside a forward-AD pass (BPTT), ``lift`` returns its argument.
-    """
-
-    def __init__(self, x_t: torch.Tensor, *tensors):
-        self.on = any(_tangent(t) is not None for t in (x_t,) + tensors)
-        self.numbers = self.on and x_t.dtype in (torch.float32, torch.float64)
-        self.like = x_t
-
-    def lift(self, v):
-        if not self.on:
-            return v
-        if not isinstance(v, torch.Tensor):
-            if not self.numbers:
-                return v
-            v = torch.tensor(v, dtype=self.like.dtype, device=self.like.device)
-        return v if _tangent(v) is not None else fwAD.make_dual(v, torch.zeros_like(v))
-
-    @staticmethod
-    def primal(v):
-        return fwAD.unpack_dual(v).primal if isinstance(v, torch.Tensor) else v
-
-
 def reset_signal(m: torch.Tensor, threshold: Value) -> torch.Tensor:
     """r_t = H(m_{t−1} − θ), detached: 1 where the stored membrane is above the threshold."""
-    u = (Operands.primal(m) - Operands.primal(threshold)).detach()
+    u = (m - threshold).detach()
     return (u > 0).to(u.dtype)
 
 
-def fire_and_reset(dyn, ops: Operands, h: torch.Tensor, r: torch.Tensor, threshold: Value, g: Value):
-    """``(s_t, m_t)`` from the candidate membrane m̃_t = ``h`` (operands lifted by ``ops``): the spike
-    g·H(m̃_t − θ), then (with ``reset_delay=False``) snnTorch's immediate reset by (s_t/g − r_t)."""
+def fire_and_reset(dyn, h: torch.Tensor, r: torch.Tensor, threshold: Value, g: Value):
+    """``(s_t, m_t)`` from the candidate membrane m̃_t = ``h``: the spike g·H(m̃_t − θ), then (with
+    ``reset_delay=False``) snnTorch's immediate reset by (s_t/g − r_t)."""
     s = spike(h - threshold, dyn.surrogate, strict=True)
     unit = not isinstance(g, torch.Tensor) and g == 1.0       # s·1 and s/1 are s, value and derivative
     if not unit:
-        g = ops.lift(g)
         s = s * g
     if dyn.reset_delay or dyn.reset == "none":
         return s, h
@@ -195,6 +158,15 @@ class SnnTorchConstants:
     #: Those clamped to [0, 1] at every step.
     CLAMPED: ClassVar[Tuple[str, ...]] = ()
 
+    def _candidate(self, x_t, c, dc, state, dstate, r, directions):
+        """m̃_t and its sensitivities (see :func:`closed_form_scan`); each family defines its own."""
+        raise NotImplementedError
+
+    scan = closed_form_scan
+
+    def finish(self, carry, params, dtype):
+        return closed_form_finish(self, carry, params, dtype)
+
     def _validate(self) -> None:
         if self.reset not in RESETS:
             raise ValueError(f"reset must be one of {RESETS}, got {self.reset!r}")
@@ -276,16 +248,15 @@ class LeakyDynamics(SnnTorchConstants, Family):
         """One step from ``(m_{t−1},)``: ``(s_t, (m_t,))``."""
         c = self.constants(params)
         (m,) = state
-        ops = Operands(x_t, m, *params)
-        r = reset_signal(m, c["threshold"])
+        beta, th = c["beta"], c["threshold"]
+        r = reset_signal(m, th)
         keep = 1 - r
-        beta, th, x_t, m, r, keep = (ops.lift(v) for v in (c["beta"], c["threshold"], x_t, m, r, keep))
         if self.reset == "zero":
             m = keep * m
         h = beta * m + x_t
         if self.reset == "subtract":
             h = h - r * th
-        s, m = fire_and_reset(self, ops, h, r, th, c["graded_spikes_factor"])
+        s, m = fire_and_reset(self, h, r, th, c["graded_spikes_factor"])
         return s, (m,)
 
     # -- closed-form spike pass ----------------------------------------------------------------
@@ -300,11 +271,6 @@ class LeakyDynamics(SnnTorchConstants, Family):
             h = h - r * c["threshold"]
             dh = {d: dh[d] - r * dc["threshold"][d] for d in directions}
         return h, dh, ()
-
-    scan = closed_form_scan
-
-    def finish(self, carry, params, dtype):
-        return closed_form_finish(self, carry, params, dtype)
 
     def describe(self) -> str:
         return f"Leaky({self._describe_constant('β', 'beta')}, {self._describe_constant('θ', 'threshold')}, " \

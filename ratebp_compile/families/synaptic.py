@@ -34,7 +34,7 @@ import torch
 
 from ..nn.surrogate import ATan, Surrogate
 from .base import Family
-from .leaky import Operands, SnnTorchConstants, closed_form_finish, closed_form_scan, fire_and_reset, reset_signal
+from .leaky import SnnTorchConstants, fire_and_reset, reset_signal
 
 __all__ = ["SynapticDynamics"]
 
@@ -72,17 +72,15 @@ class SynapticDynamics(SnnTorchConstants, Family):
         """One step from ``(syn_{t−1}, m_{t−1})``: ``(s_t, (syn_t, m_t))``."""
         c = self.constants(params)
         syn, m = state
-        ops = Operands(x_t, syn, m, *params)
-        r = reset_signal(m, c["threshold"])
-        alpha, beta, th, x_t, syn, m, r = (ops.lift(v) for v in (c["alpha"], c["beta"], c["threshold"], x_t, syn,
-                                                                   m, r))
+        alpha, beta, th = c["alpha"], c["beta"], c["threshold"]
+        r = reset_signal(m, th)
         syn = alpha * syn + x_t
         h = beta * m + syn
         if self.reset == "subtract":
             h = h - r * th
         elif self.reset == "zero":
             h = h - h * r
-        s, m = fire_and_reset(self, ops, h, r, th, c["graded_spikes_factor"])
+        s, m = fire_and_reset(self, h, r, th, c["graded_spikes_factor"])
         return s, (syn, m)
 
     # -- closed-form spike pass ----------------------------------------------------------------
@@ -101,11 +99,6 @@ class SynapticDynamics(SnnTorchConstants, Family):
             h = h - h * r
             dh = {d: dh[d] - dh[d] * r for d in directions}
         return h, dh, ((syn_next,), (dsyn_next,))
-
-    scan = closed_form_scan
-
-    def finish(self, carry, params, dtype):
-        return closed_form_finish(self, carry, params, dtype)
 
     def describe(self) -> str:
         return f"Synaptic({self._describe_constant('α', 'alpha')}, {self._describe_constant('β', 'beta')}, " \
