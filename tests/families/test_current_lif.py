@@ -12,6 +12,7 @@ from ratebp_compile.nn import spike
 from ratebp_compile.nn.spec import NeuronSpec
 from ratebp_compile.nn.surrogate import Circ, HeaviErfc, SuperSpike, Surrogate, Tanh, Tent
 from tests.conftest import assert_close
+from tests.families.oracle import assert_closed_form_is_forward_mode_ad  # noqa: E402
 
 SURROGATES = [SuperSpike(1.0, 1.0), Tent(0.5), Tent(100.0), Tanh(2.0), Circ(0.3), HeaviErfc(1.5)]
 #: (constants, input offset, input scale): defaults, other voltages, other time constants and dt.
@@ -217,14 +218,5 @@ def test_spike_carries_the_surrogate_in_both_modes(surrogate):
 def test_closed_form_equals_forward_mode_ad_through_the_step(case):
     """The closed-form spike pass equals the generic engine (forward-mode AD through ``step``), chunk by chunk,
     on varying input."""
-    from ratebp_compile.families import Family
     name, surrogate = case
-    dyn = _dyn(name, surrogate)
-    x = _input(name, (10, 3, 53), seed=5)
-    closed, generic = None, None
-    for chunk in x.split([3, 7]):
-        s_c, closed = dyn.scan(chunk, closed, ())
-        s_g, generic = Family.scan(dyn, chunk, generic, ())
-        assert torch.equal(s_c, s_g)
-    for ours, theirs in zip(dyn.finish(closed, (), x.dtype), Family.finish(dyn, generic, (), x.dtype)):
-        assert_close(ours, theirs)
+    assert_closed_form_is_forward_mode_ad(_dyn(name, surrogate), (), _input(name, (10, 3, 53), seed=5), [3, 7])

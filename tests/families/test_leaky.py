@@ -18,6 +18,7 @@ snn = pytest.importorskip("snntorch")
 from ratebp_compile.families import LeakyDynamics  # noqa: E402
 from ratebp_compile.nn.surrogate import ATan  # noqa: E402
 from tests.families import snntorch_cases as C  # noqa: E402
+from tests.families.oracle import assert_closed_form_is_forward_mode_ad  # noqa: E402
 
 T, B, K = 6, 3, 5
 F32 = lambda v: float(torch.as_tensor(v, dtype=torch.float32))  # noqa: E731  (snnTorch stores floats as float32)
@@ -173,14 +174,6 @@ def test_closed_form_equals_forward_mode_ad_through_the_step(reset, delay, setti
     """For every setting the closed-form scan (all directions in one loop) equals the generic engine
     (one forward-mode pass per direction through ``step``), chunk by chunk, with each constant's
     per-element eligibility."""
-    from ratebp_compile.families import Family
     constants, _, names, dyn = _setting(reset, delay, ATan(2.0), *setting)
     params = tuple(constants[n] for n in names)
-    x = C.inputs((T + 3, B, K), seed=3)
-    closed, generic = None, None
-    for chunk in x.split([4, 5]):
-        s_c, closed = dyn.scan(chunk, closed, params)
-        s_g, generic = Family.scan(dyn, chunk, generic, params)
-        assert torch.equal(s_c, s_g)
-    for ours, theirs in zip(dyn.finish(closed, params, x.dtype), Family.finish(dyn, generic, params, x.dtype)):
-        torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12)
+    assert_closed_form_is_forward_mode_ad(dyn, params, C.inputs((T + 3, B, K), seed=3), [4, 5])

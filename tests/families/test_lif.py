@@ -10,6 +10,7 @@ from ratebp_compile.families import Family, LIFDynamics, ModuleDynamics
 from ratebp_compile.nn import ATan, Neuron, ParametricLIF, Rectangular, Sigmoid, Triangle, spike
 from ratebp_compile.nn.surrogate import SuperSpike
 from tests.conftest import assert_close
+from tests.families.oracle import assert_closed_form_is_forward_mode_ad
 
 SURROGATES = [Sigmoid(4.0), ATan(2.0), Rectangular(1.0), Triangle(1.0)]
 RESETS = [None, 0.0, -0.25]          # soft, hard to 0, hard to -0.25
@@ -184,15 +185,8 @@ def test_closed_form_equals_forward_mode_ad_through_the_step(case, surrogate):
     params = (torch.tensor(0.2, dtype=torch.float64),) if decay is None else ()
     x = torch.randn(6, 2, 50, dtype=torch.float64) * 0.8 + 0.6
     x[:, 0, :5] = 0.8 - rest         # inputs that land exactly on the threshold: the tie rule decides
-    closed, generic, parts = None, None, []
-    for chunk in x.split([4, 2]):
-        s_c, closed = dyn.scan(chunk, closed, params)
-        s_g, generic = Family.scan(dyn, chunk, generic, params)
-        assert torch.equal(s_c, s_g)
-        parts.append(s_c)
-    for ours, theirs in zip(dyn.finish(closed, params, x.dtype), Family.finish(dyn, generic, params, x.dtype)):
-        assert_close(ours, theirs)
-    assert torch.equal(torch.cat(parts), dyn.multistep(x, params))
+    spikes = assert_closed_form_is_forward_mode_ad(dyn, params, x, [4, 2])
+    assert torch.equal(spikes, dyn.multistep(x, params))
 
 
 def test_resting_potential_is_where_the_membrane_starts_and_leaks_to():

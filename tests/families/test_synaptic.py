@@ -18,6 +18,7 @@ snn = pytest.importorskip("snntorch")
 from ratebp_compile.families import LeakyDynamics, SynapticDynamics  # noqa: E402
 from ratebp_compile.nn.surrogate import ATan  # noqa: E402
 from tests.families import snntorch_cases as C  # noqa: E402
+from tests.families.oracle import assert_closed_form_is_forward_mode_ad  # noqa: E402
 
 T, B, K = 6, 3, 5
 F32 = lambda v: float(torch.as_tensor(v, dtype=torch.float32))  # noqa: E731  (snnTorch stores floats as float32)
@@ -109,7 +110,6 @@ def test_family_construction():
 def test_closed_form_equals_forward_mode_ad_through_the_step(reset, delay, setting):
     """The closed-form scan equals the generic engine (forward-mode AD through ``step``), chunk by chunk,
     with each constant's per-element eligibility (g learnable too)."""
-    from ratebp_compile.families import Family
     ak, bk, tk = setting
     kinds = dict(zip(NAMES, (ak, bk, tk, "learn")))
     constants = {"alpha": ALPHAS[ak], "beta": BETAS[bk], "threshold": THRESHOLDS[tk],
@@ -118,11 +118,4 @@ def test_closed_form_equals_forward_mode_ad_through_the_step(reset, delay, setti
     dyn = SynapticDynamics(**{n: None if n in names else F32(v) for n, v in constants.items()},
                            reset=reset, reset_delay=delay, surrogate=ATan(2.0), params=names)
     params = tuple(constants[n] for n in names)
-    x = C.inputs((9, 3, 5), seed=4)
-    closed, generic = None, None
-    for chunk in x.split([4, 5]):
-        s_c, closed = dyn.scan(chunk, closed, params)
-        s_g, generic = Family.scan(dyn, chunk, generic, params)
-        assert torch.equal(s_c, s_g)
-    for ours, theirs in zip(dyn.finish(closed, params, x.dtype), Family.finish(dyn, generic, params, x.dtype)):
-        torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12)
+    assert_closed_form_is_forward_mode_ad(dyn, params, C.inputs((9, 3, 5), seed=4), [4, 5])
