@@ -17,25 +17,17 @@ MODELS = {m.name: m for m in H.models()}
 # tutorial 5 returns the output membrane too and trains on it: BPTT differentiates through it; the rate-based
 # step computes its value and refuses a loss that depends on it (test_a_loss_on_the_membrane_is_refused)
 MEMBRANE_LOSS = {"leaky_mlp_t5"}
-RUNNABLE = list(MODELS)
+REFERENCES = {"bptt": H.peer_bptt_grads, "ratebp": H.peer_rate_grads}
+CASES = [(n, "bptt") for n in MODELS] + [(n, "ratebp") for n in MODELS if n not in MEMBRANE_LOSS]
 
 
-@pytest.mark.parametrize("name", RUNNABLE)
-def test_bptt_equals_snntorchs_own_bptt(name):
+@pytest.mark.parametrize("name,method", CASES, ids=[f"{n}-{m}" for n, m in CASES])
+def test_step_equals_the_reference(name, method):
+    """BPTT equals snnTorch's own; rate-based equals an independent eager rate-based computation."""
     spec = MODELS[name]
     model, x, loss = spec.build(), spec.make_input(), spec.make_loss()
-    theirs, peer_out = H.peer_bptt_grads(copy.deepcopy(model), x, loss)
-    out, ours = train_step(model, x, loss, "bptt")
-    assert_outputs_close(out, peer_out)
-    assert_grads_close(ours, theirs, name)
-
-
-@pytest.mark.parametrize("name", [n for n in RUNNABLE if n not in MEMBRANE_LOSS])
-def test_rate_based_equals_an_independent_eager_rate_computation(name):
-    spec = MODELS[name]
-    model, x, loss = spec.build(), spec.make_input(), spec.make_loss()
-    theirs, peer_out = H.peer_rate_grads(copy.deepcopy(model), x, loss)
-    out, ours = train_step(model, x, loss, "ratebp")
+    theirs, peer_out = REFERENCES[method](copy.deepcopy(model), x, loss)
+    out, ours = train_step(model, x, loss, method)
     assert_outputs_close(out, peer_out)
     assert_grads_close(ours, theirs, name)
 

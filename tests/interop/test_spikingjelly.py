@@ -19,7 +19,11 @@ from spikingjelly.activation_based import functional, layer, neuron, surrogate  
 from tests.interop import spikingjelly_harness as H  # noqa: E402
 
 MODELS = {m.name: m for m in H.models()}
-RUNNABLE = list(MODELS)
+#: SpikingJelly's own BPTT for every model; the independent rate-based reference where it applies (no BatchNorm)
+REFERENCES = {"bptt": H.peer_bptt_grads, "ratebp": H.peer_rate_grads}
+CASES = [(n, "bptt") for n in MODELS] + [(n, "ratebp") for n, m in MODELS.items() if m.rate_reference]
+
+
 def _step(model, x, loss_fn, method, time_major=True, seed=0):
     """One training step from reset neurons (SpikingJelly requires reset_net before each batch), drawing
     layer.Dropout's mask from the random numbers the harness gives SpikingJelly (``seed``)."""
@@ -29,31 +33,20 @@ def _step(model, x, loss_fn, method, time_major=True, seed=0):
         return train_step(model, x, loss_fn, method, input_layout="TB" if time_major else "static")
 
 
-@pytest.mark.parametrize("name", RUNNABLE)
-def test_bptt_equals_spikingjellys_own_bptt(name):
+@pytest.mark.parametrize("name,method", CASES, ids=[f"{n}-{m}" for n, m in CASES])
+def test_step_equals_the_reference(name, method):
+    """BPTT equals SpikingJelly's own; rate-based equals an independent eager rate-based computation."""
     spec = MODELS[name]
     model = spec.build(0)
     peer = copy.deepcopy(model)
     x = spec.make_input(spec.T, H.B_DEFAULT, 0)
-    theirs, peer_out = H.peer_bptt_grads(peer, x, spec.loss)
-    out, ours = _step(model, x, spec.loss, "bptt", spec.time_major)
+    theirs, peer_out = REFERENCES[method](peer, x, spec.loss)
+    out, ours = _step(model, x, spec.loss, method, spec.time_major)
     torch.testing.assert_close(out, peer_out, rtol=RTOL, atol=ATOL)
     assert_grads_close(ours, theirs, name)
 
 
-@pytest.mark.parametrize("name", [n for n in RUNNABLE if MODELS[n].rate_reference])
-def test_rate_based_equals_an_independent_eager_rate_computation(name):
-    spec = MODELS[name]
-    model = spec.build(0)
-    peer = copy.deepcopy(model)
-    x = spec.make_input(spec.T, H.B_DEFAULT, 0)
-    theirs, peer_out = H.peer_rate_grads(peer, x, spec.loss)
-    out, ours = _step(model, x, spec.loss, "ratebp", spec.time_major)
-    torch.testing.assert_close(out, peer_out, rtol=RTOL, atol=ATOL)
-    assert_grads_close(ours, theirs, name)
-
-
-@pytest.mark.parametrize("name", [n for n in RUNNABLE if not MODELS[n].rate_reference])
+@pytest.mark.parametrize("name", [n for n, m in MODELS.items() if not m.rate_reference])
 def test_rate_based_step_trains_models_with_batchnorm(name):
     """Models with BatchNorm (the zoo): the rate-based step runs, its output is SpikingJelly's."""
     spec = MODELS[name]
