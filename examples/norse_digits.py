@@ -7,15 +7,13 @@ passed along (``z, s = cell(x, s)``); ``rc.transform`` compiles the training ste
 spike count of the last layer. Data: scikit-learn's 8x8 digits as a constant input current. Needs Norse
 and scikit-learn.
 """
-import argparse
-
 import norse.torch as norse
 import torch
 import torch.nn.functional as F
-from sklearn.datasets import load_digits
 from torch import nn
 
 import ratebp_compile as rc
+from digits import arguments, train
 
 
 class Net(nn.Module):
@@ -36,32 +34,12 @@ class Net(nn.Module):
 
 
 def main(argv=None) -> float:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--T", type=int, default=8)
-    parser.add_argument("--batch-size", type=int, default=64)
-    args = parser.parse_args(argv)
+    args = arguments(__doc__, argv)
     torch.manual_seed(0)
-    digits = load_digits()
-    x = torch.tensor(digits.data, dtype=torch.float32) / 16.0
-    y = torch.tensor(digits.target)
-    x_train, y_train, x_test, y_test = x[:1400], y[:1400], x[1400:], y[1400:]
     net = Net()
     model = rc.transform(net)                      # the rate-based training step; eval runs Norse's own
-    opt = torch.optim.Adam(net.parameters(), lr=2e-3)
-    for epoch in range(args.epochs):
-        model.train()
-        for i in torch.randperm(len(x_train)).split(args.batch_size):
-            loss = F.cross_entropy(model(x_train[i].expand(args.T, -1, -1)).sum(0), y_train[i])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        model.eval()
-        with torch.no_grad():
-            counts = model(x_test.expand(args.T, -1, -1)).sum(0)
-        accuracy = (counts.argmax(1) == y_test).float().mean().item()
-        print(f"epoch {epoch}: loss {loss.item():.3f}, test accuracy {100 * accuracy:.1f}%")
-    return accuracy
+    return train(net, model, args, images=False,
+                 loss_fn=lambda spikes, y: F.cross_entropy(spikes.sum(0), y))     # spike counts as logits
 
 
 if __name__ == "__main__":

@@ -7,6 +7,11 @@ import pytest
 EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
 
 
+@pytest.fixture(autouse=True)
+def _examples_on_the_path(monkeypatch):
+    monkeypatch.syspath_prepend(str(EXAMPLES))     # as when run as python examples/<name>.py: digits.py beside it
+
+
 def _load(name):
     spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
