@@ -28,7 +28,7 @@ from ratebp_compile.nn import Sigmoid
 DECAY, V_TH, ALPHA = 0.2, 1.0, 4.0
 EAGER = LIFDynamics(decay=DECAY, v_threshold=V_TH, surrogate=Sigmoid(ALPHA))
 OP_ARGS = dict(decay=DECAY, decay_logit=None, v_threshold=V_TH, v_reset=None, decay_input=False, detach_reset=True,
-               surrogate="sigmoid", width=ALPHA)
+               surrogate="sigmoid", width=ALPHA, strict=False, delayed_reset=False)
 # Nominal DRAM bandwidth (bytes/s) by device name, used when the driver does not report it.
 NOMINAL_BANDWIDTH = {"H200": 4.8e12, "H100 SXM": 3.35e12, "H100 PCIe": 2.0e12, "H100": 3.35e12,
                      "A100-SXM4-80GB": 2.039e12, "A100": 1.555e12, "RTX 4090": 1.008e12, "L40S": 0.864e12}

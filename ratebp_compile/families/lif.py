@@ -8,6 +8,11 @@ Per element, from rest, with the membrane u measured in volts:
     u_t = h_t − V_th'·s_t      soft reset (v_reset=None; V_th' = V_th − u_rest)
     u_t = (1 − s_t)·h_t + s_t·v_reset                     hard reset
 
+With ``delayed_reset`` (snnTorch's ``Leaky``, whose ``LeakyDynamics`` runs the fused kernels as this
+family) a spike's reset acts one step later and the membrane kept is the one before reset: with
+r_t = Θ(u_{t−1} − V_th) (no gradient), h_t = u_rest + λ·(u_{t−1} − u_rest) + c_t − V_th'·r_t (soft) or
+h_t = u_rest + λ·((1 − r_t)·u_{t−1} + r_t·v_reset − u_rest) + c_t (hard), and u_t = h_t.
+
 u_0 = u_rest before the first step. ``rc.nn.LIF`` rests at 0; SpikingJelly's neurons rest at their
 ``v_reset`` (0 for a soft reset), Norse's box neuron at ``v_leak``. Measured from rest (v = u − u_rest)
 the dynamics are exactly those of ``kernels.lif_math`` with V_th − u_rest and v_reset − u_rest, which
@@ -46,6 +51,8 @@ class LIFDynamics(Family):
     surrogate:    ψ, the pseudo-derivative of the firing step.
     v_rest:       u_rest, the potential the membrane starts at and leaks toward.
     strict:       fire only above the threshold (h > V_th) instead of at or above it.
+    delayed_reset: a spike's reset acts at the next step; the membrane kept is the one before reset
+                  (needs detach_reset: the delayed reset has no gradient).
     """
 
     decay: Optional[float] = 0.5
@@ -56,10 +63,12 @@ class LIFDynamics(Family):
     surrogate: Surrogate = field(default_factory=lambda: Sigmoid(4.0))
     v_rest: float = 0.0
     strict: bool = False
+    delayed_reset: bool = False
 
     def __post_init__(self):
         if not isinstance(self.surrogate, Surrogate):
             raise TypeError(f"surrogate must be a ratebp_compile.nn.surrogate.Surrogate, got {self.surrogate!r}")
+        M.check_delayed_reset(self.delayed_reset, self.detach_reset)
 
     @property
     def learned_decay(self) -> bool:
@@ -97,9 +106,15 @@ class LIFDynamics(Family):
     def step(self, x_t, state, params):
         """One differentiable step from (v_{t−1},) measured from rest: ``(s_t, (v_t,))``."""
         lam, _ = self._lam(params)
-        h = M.charge(state[0], x_t, lam, self.decay_input)
-        s = spike(h - self._threshold, self.surrogate, strict=self.strict)
-        return s, (M.reset(h, s.detach() if self.detach_reset else s, self._threshold, self._reset_to),)
+        threshold = self._threshold
+        v_in, r = M.charged_from(state[0], threshold, self._reset_to, self.strict, self.delayed_reset)
+        h = M.charge(v_in, x_t, lam, self.decay_input)
+        if self.delayed_reset and self._reset_to is None:
+            h = h - r * threshold
+        s = spike(h - threshold, self.surrogate, strict=self.strict)
+        if self.delayed_reset:
+            return s, (h,)
+        return s, (M.reset(h, s.detach() if self.detach_reset else s, threshold, self._reset_to),)
 
     def membrane(self, state):
         return state[0] + self.v_rest if self.v_rest else state[0]
@@ -112,7 +127,8 @@ class LIFDynamics(Family):
         else:
             parts = []
         parts.append(f"V_th={self.v_threshold:g}" + (" (fires above)" if self.strict else ""))
-        parts.append("soft reset" if self.v_reset is None else f"hard reset to {self.v_reset:g}")
+        parts.append(("soft reset" if self.v_reset is None else f"hard reset to {self.v_reset:g}") +
+                     (" at the next step" if self.delayed_reset else ""))
         if self.v_rest:
             parts.append(f"rests at {self.v_rest:g}")
         parts.append("reset detached" if self.detach_reset else "reset not detached")
@@ -131,7 +147,7 @@ class LIFDynamics(Family):
         psi = self.surrogate.name if self._kernel_surrogate() else self.surrogate.grad
         return dict(decay_input=self.decay_input, v_threshold=self._threshold, v_reset=self._reset_to,
                     detach_reset=self.detach_reset, surrogate=psi, width=float(self.surrogate.width),
-                    strict=self.strict)
+                    strict=self.strict, delayed_reset=self.delayed_reset)
 
     def scan(self, x_seq, carry, params, spike_dtype=None):
         if carry is None:
@@ -150,16 +166,15 @@ class LIFDynamics(Family):
     def fusable(self, x) -> bool:
         """The fused ops compute this neuron on floating-point input (float32/16/bf16 run the Triton
         kernels on CUDA, other cases the ops' PyTorch reference) when its surrogate is one of the
-        kernels' four and it fires at or above the threshold."""
-        return (self._kernel_surrogate() and not self.strict and isinstance(x, torch.Tensor)
-                and x.dtype.is_floating_point)
+        kernels' four."""
+        return self._kernel_surrogate() and isinstance(x, torch.Tensor) and x.dtype.is_floating_point
 
     def op_args(self, params: Params) -> tuple:
         """The fused ops' arguments after the input: (decay, decay_logit, V_th, v_reset, decay_input,
-        detach_reset, surrogate, width), measured from rest."""
+        detach_reset, surrogate, width, strict, delayed_reset), measured from rest."""
         return (float(self.decay if self.decay is not None else math.nan), params[0] if self.learned_decay else None,
                 self._threshold, self._reset_to, self.decay_input, self.detach_reset, self.surrogate.name,
-                float(self.surrogate.width))
+                float(self.surrogate.width), self.strict, self.delayed_reset)
 
     @classmethod
     def from_op_args(cls, args: dict) -> "LIFDynamics":
@@ -171,7 +186,8 @@ class LIFDynamics(Family):
         return cls(decay=None if learned else float(args["decay"]), decay_input=bool(args["decay_input"]),
                    v_threshold=float(args["v_threshold"]),
                    v_reset=None if args["v_reset"] is None else float(args["v_reset"]),
-                   detach_reset=bool(args["detach_reset"]), surrogate=SURROGATES[args["surrogate"]](float(args["width"])))
+                   detach_reset=bool(args["detach_reset"]), surrogate=SURROGATES[args["surrogate"]](float(args["width"])),
+                   strict=bool(args["strict"]), delayed_reset=bool(args["delayed_reset"]))
 
     def fused_multistep(self, x_seq, params) -> torch.Tensor:
         spikes, _ = torch.ops.ratebp.lif_bptt_forward(x_seq, *self.op_args(params))

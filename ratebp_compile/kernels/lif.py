@@ -1,4 +1,5 @@
-"""Fused LIF-family neurons (LIF, IF, ParametricLIF): the spike pass and a BPTT forward/backward pair.
+"""Fused LIF-family neurons (LIF, IF, ParametricLIF; either tie rule; the reset now or one step later, as
+snnTorch's ``Leaky``): the spike pass and a BPTT forward/backward pair.
 
 Every kernel reads the input currents ``[T, N]`` once and keeps the membrane (and, in the spike pass,
 κ, the accumulators r and e and, for a learned decay λ = 1 − sigmoid(w), μ = ∂h/∂λ) in registers across
@@ -108,6 +109,28 @@ def _reset(h, s, v_threshold, v_reset, HARD_RESET: tl.constexpr):
 
 
 @triton.jit
+def _fire(u, STRICT: tl.constexpr):
+    """Θ(u): 1.0 where u ≥ 0 (u > 0 when STRICT)."""
+    if STRICT:
+        s = (u > 0.0).to(tl.float32)
+    else:
+        s = (u >= 0.0).to(tl.float32)
+    return s
+
+
+@triton.jit
+def _charged_from(v, v_threshold, v_reset, HARD_RESET: tl.constexpr, STRICT: tl.constexpr,
+                  DELAYED_RESET: tl.constexpr):
+    """v', the potential a step charges from (``lif_math.charged_from``): v reset to v_reset where a delayed
+    hard reset acts, else v (a delayed soft reset subtracts after the charge)."""
+    v_in = v
+    if DELAYED_RESET:
+        if HARD_RESET:
+            v_in = _reset(v, _fire(v - v_threshold, STRICT), v_threshold, v_reset, HARD_RESET)
+    return v_in
+
+
+@triton.jit
 def _dv_dh(h, s, psi, v_threshold, v_reset, HARD_RESET: tl.constexpr, DETACH_RESET: tl.constexpr):
     if HARD_RESET:
         if DETACH_RESET:
@@ -123,23 +146,26 @@ def _dv_dh(h, s, psi, v_threshold, v_reset, HARD_RESET: tl.constexpr, DETACH_RES
 
 
 @triton.jit
-def _forward_step(X, S, H, offs, mask, t_offset, lam, v_threshold, v_reset, width, v, kappa, mu, dvdh, r, e, el,
+def _forward_step(X, S, H, offs, mask, t_offset, lam, v_threshold, v_reset, width, v, kappa, mu, dvdh, r_sum, e, el,
                   DECAY_INPUT: tl.constexpr, HARD_RESET: tl.constexpr, DETACH_RESET: tl.constexpr,
-                  SURROGATE: tl.constexpr, WRITE_H: tl.constexpr, WRITE_STATS: tl.constexpr,
-                  DECAY_TANGENT: tl.constexpr):
-    """One timestep of the forward kernel; returns the updated loop state."""
+                  SURROGATE: tl.constexpr, STRICT: tl.constexpr, DELAYED_RESET: tl.constexpr,
+                  WRITE_H: tl.constexpr, WRITE_STATS: tl.constexpr, DECAY_TANGENT: tl.constexpr):
+    """One timestep of the forward kernel (``lif_math.step``); returns the updated loop state."""
     c = tl.load(X + t_offset + offs, mask=mask, other=0.0).to(tl.float32)
+    v_in = _charged_from(v, v_threshold, v_reset, HARD_RESET, STRICT, DELAYED_RESET)
     if WRITE_STATS:
         k0 = (1.0 - lam) if DECAY_INPUT else 1.0
         kappa = k0 + lam * dvdh * kappa
         if DECAY_TANGENT:
-            mu = ((v - c) if DECAY_INPUT else v) + lam * dvdh * mu
-    h = _charge(v, c, lam, DECAY_INPUT)
+            mu = ((v_in - c) if DECAY_INPUT else v_in) + lam * dvdh * mu
+    h = _charge(v_in, c, lam, DECAY_INPUT)
+    if DELAYED_RESET and not HARD_RESET:
+        h = h - _fire(v - v_threshold, STRICT) * v_threshold
     u = h - v_threshold
-    s = (u >= 0.0).to(tl.float32)
+    s = _fire(u, STRICT)
     if WRITE_STATS:
         psi = _surrogate_grad(u, width, SURROGATE)
-        r += s
+        r_sum += s
         e += psi * kappa
         if DECAY_TANGENT:
             el += psi * mu
@@ -147,8 +173,11 @@ def _forward_step(X, S, H, offs, mask, t_offset, lam, v_threshold, v_reset, widt
     if WRITE_H:
         tl.store(H + t_offset + offs, h, mask=mask)
     tl.store(S + t_offset + offs, s.to(S.dtype.element_ty), mask=mask)
-    v = _reset(h, s, v_threshold, v_reset, HARD_RESET)
-    return v, kappa, mu, dvdh, r, e, el
+    if DELAYED_RESET:
+        v = h
+    else:
+        v = _reset(h, s, v_threshold, v_reset, HARD_RESET)
+    return v, kappa, mu, dvdh, r_sum, e, el
 
 
 @triton.jit(do_not_specialize=["N", "T"])
@@ -170,6 +199,8 @@ def _lif_forward_kernel(
     T_STATIC: tl.constexpr,        # T unrolled at compile time, or 0 for a runtime loop
     DECAY_LOGIT: tl.constexpr, DECAY_INPUT: tl.constexpr, HARD_RESET: tl.constexpr,
     DETACH_RESET: tl.constexpr, SURROGATE: tl.constexpr,
+    STRICT: tl.constexpr,          # fire above the threshold only
+    DELAYED_RESET: tl.constexpr,   # a spike's reset acts at the next step (the membrane kept is h)
     WRITE_H: tl.constexpr,         # BPTT forward
     WRITE_STATS: tl.constexpr,     # spike pass: r and e
     DECAY_TANGENT: tl.constexpr,   # spike pass of a learned decay: ∂r/∂w too
@@ -202,13 +233,15 @@ def _lif_forward_kernel(
         for t in tl.static_range(T_STATIC):
             v, kappa, mu, dvdh, r, e, el = _forward_step(
                 X, S, H, offs, mask, t * n, lam, v_threshold, v_reset, width, v, kappa, mu, dvdh, r, e, el,
-                DECAY_INPUT, HARD_RESET, DETACH_RESET, SURROGATE, WRITE_H, WRITE_STATS, DECAY_TANGENT)
+                DECAY_INPUT, HARD_RESET, DETACH_RESET, SURROGATE, STRICT, DELAYED_RESET, WRITE_H, WRITE_STATS,
+                DECAY_TANGENT)
         steps = T_STATIC
     else:
         for t in range(T):
             v, kappa, mu, dvdh, r, e, el = _forward_step(
                 X, S, H, offs, mask, t * n, lam, v_threshold, v_reset, width, v, kappa, mu, dvdh, r, e, el,
-                DECAY_INPUT, HARD_RESET, DETACH_RESET, SURROGATE, WRITE_H, WRITE_STATS, DECAY_TANGENT)
+                DECAY_INPUT, HARD_RESET, DETACH_RESET, SURROGATE, STRICT, DELAYED_RESET, WRITE_H, WRITE_STATS,
+                DECAY_TANGENT)
         steps = T
     if STATEFUL:
         tl.store(STATE + offs, v, mask=mask)
@@ -230,10 +263,11 @@ def _lif_forward_kernel(
 @triton.jit
 def _backward_step(GS, H, X, GX, offs, mask, t, n, h, lam, v_threshold, v_reset, width, grad_v, glam,
                    DECAY_INPUT: tl.constexpr, HARD_RESET: tl.constexpr, DETACH_RESET: tl.constexpr,
-                   SURROGATE: tl.constexpr, DECAY_GRAD: tl.constexpr):
+                   SURROGATE: tl.constexpr, STRICT: tl.constexpr, DELAYED_RESET: tl.constexpr,
+                   DECAY_GRAD: tl.constexpr):
     """Timestep t of the reverse loop, given h_t; returns (h_{t−1}, grad into v_{t−1}, λ grad)."""
     u = h - v_threshold
-    s = (u >= 0.0).to(tl.float32)
+    s = _fire(u, STRICT)
     psi = _surrogate_grad(u, width, SURROGATE)
     g_s = tl.load(GS + t * n + offs, mask=mask, other=0.0).to(tl.float32)
     g_h = g_s * psi + grad_v * _dv_dh(h, s, psi, v_threshold, v_reset, HARD_RESET, DETACH_RESET)
@@ -242,8 +276,12 @@ def _backward_step(GS, H, X, GX, offs, mask, t, n, h, lam, v_threshold, v_reset,
     # h_{t−1} (zero before the first step: v_{−1} = 0 either way)
     h_prev = tl.load(H + (t - 1) * n + offs, mask=mask & (t > 0), other=0.0)
     if DECAY_GRAD:
-        s_prev = (h_prev - v_threshold >= 0.0).to(tl.float32)
-        v_prev = tl.where(t > 0, _reset(h_prev, s_prev, v_threshold, v_reset, HARD_RESET), 0.0)
+        # the potential step t charged from, v'_{t−1}
+        if DELAYED_RESET:
+            v_prev = _charged_from(h_prev, v_threshold, v_reset, HARD_RESET, STRICT, DELAYED_RESET)
+        else:
+            s_prev = _fire(h_prev - v_threshold, STRICT)
+            v_prev = tl.where(t > 0, _reset(h_prev, s_prev, v_threshold, v_reset, HARD_RESET), 0.0)
         if DECAY_INPUT:
             c = tl.load(X + t * n + offs, mask=mask, other=0.0).to(tl.float32)
             glam += g_h * (v_prev - c)
@@ -267,7 +305,8 @@ def _lif_backward_kernel(
     v_reset,        # hard-reset value (fp32)
     width,          # surrogate width (fp32)
     T_STATIC: tl.constexpr, DECAY_LOGIT: tl.constexpr, DECAY_INPUT: tl.constexpr, HARD_RESET: tl.constexpr,
-    DETACH_RESET: tl.constexpr, SURROGATE: tl.constexpr, DECAY_GRAD: tl.constexpr, BLOCK: tl.constexpr,
+    DETACH_RESET: tl.constexpr, SURROGATE: tl.constexpr, STRICT: tl.constexpr, DELAYED_RESET: tl.constexpr,
+    DECAY_GRAD: tl.constexpr, BLOCK: tl.constexpr,
 ):
     offs, mask, n = _program_offsets(N, BLOCK)
     lam, dlam_dw = _decay(DECAY, decay, DECAY_LOGIT)
@@ -278,13 +317,13 @@ def _lif_backward_kernel(
         for i in tl.static_range(T_STATIC):
             h, grad_v, glam = _backward_step(
                 GS, H, X, GX, offs, mask, T_STATIC - 1 - i, n, h, lam, v_threshold, v_reset, width, grad_v, glam,
-                DECAY_INPUT, HARD_RESET, DETACH_RESET, SURROGATE, DECAY_GRAD)
+                DECAY_INPUT, HARD_RESET, DETACH_RESET, SURROGATE, STRICT, DELAYED_RESET, DECAY_GRAD)
     else:
         h = tl.load(H + (T - 1) * n + offs, mask=mask, other=0.0)
         for i in range(T):
             h, grad_v, glam = _backward_step(
                 GS, H, X, GX, offs, mask, T - 1 - i, n, h, lam, v_threshold, v_reset, width, grad_v, glam,
-                DECAY_INPUT, HARD_RESET, DETACH_RESET, SURROGATE, DECAY_GRAD)
+                DECAY_INPUT, HARD_RESET, DETACH_RESET, SURROGATE, STRICT, DELAYED_RESET, DECAY_GRAD)
     if DECAY_GRAD:
         tl.store(GLAM + offs, glam * dlam_dw, mask=mask)
 
@@ -319,12 +358,13 @@ def _static_T(T: int) -> int:
 
 def launch_lif_forward(x: torch.Tensor, decay: float, decay_logit: Optional[torch.Tensor], v_threshold: float,
                        v_reset: Optional[float], decay_input: bool, detach_reset: bool, surrogate: str, width: float,
-                       *, write_h: bool, write_stats: bool, decay_tangent: bool, spike_dtype: torch.dtype,
+                       strict: bool, delayed_reset: bool, *, write_h: bool, write_stats: bool, decay_tangent: bool, spike_dtype: torch.dtype,
                        state: Optional[torch.Tensor] = None):
     """Run the forward kernel on ``x`` ``[T, ...]``; returns (spikes, h or None, r, e, e_λ) with r, e, e_λ
     shaped ``x.shape[1:]`` (None where not written). With ``state`` (the float32 loop state, see
     ``lif_spike_scan``) the spike pass resumes from it and saves it back instead of writing r and e."""
     T = x.shape[0]
+    M.check_delayed_reset(delayed_reset, detach_reset)
     N = _check_input("lif forward", x, T)
     stateful = state is not None
     if stateful and (state.dtype != torch.float32 or not state.is_contiguous() or state.numel() != _state_rows(
@@ -346,17 +386,19 @@ def launch_lif_forward(x: torch.Tensor, decay: float, decay_logit: Optional[torc
             state if stateful else dummy, N, T, float(decay), float(v_threshold), float(v_reset or 0.0), float(width),
             T_STATIC=_static_T(T), DECAY_LOGIT=decay_logit is not None, DECAY_INPUT=decay_input,
             HARD_RESET=v_reset is not None, DETACH_RESET=detach_reset, SURROGATE=SURROGATE_IDS[surrogate],
-            WRITE_H=write_h, WRITE_STATS=write_stats, DECAY_TANGENT=decay_tangent, STATEFUL=stateful,
+            STRICT=strict, DELAYED_RESET=delayed_reset, WRITE_H=write_h, WRITE_STATS=write_stats, DECAY_TANGENT=decay_tangent, STATEFUL=stateful,
             BLOCK=block, num_warps=NUM_WARPS)
     return spikes, h, r, e, el
 
 
 def launch_lif_backward(grad_spikes: torch.Tensor, h: torch.Tensor, x: Optional[torch.Tensor], decay: float,
                         decay_logit: Optional[torch.Tensor], v_threshold: float, v_reset: Optional[float],
-                        decay_input: bool, detach_reset: bool, surrogate: str, width: float, decay_grad: bool):
+                        decay_input: bool, detach_reset: bool, surrogate: str, width: float, strict: bool,
+                        delayed_reset: bool, decay_grad: bool):
     """Run the reverse-time kernel; returns (grad_x like ``grad_spikes``, per-element λ gradient float32 or
     None). ``x`` is read only for the λ gradient with input decay (else it may be None)."""
     T = h.shape[0]
+    M.check_delayed_reset(delayed_reset, detach_reset)
     N = _check_input("lif backward", grad_spikes, T)
     if h.dtype != torch.float32 or not h.is_contiguous() or h.shape != grad_spikes.shape:
         raise ValueError("lif backward: h must be the forward's contiguous float32 [T, N] membrane")
@@ -373,7 +415,7 @@ def launch_lif_backward(grad_spikes: torch.Tensor, h: torch.Tensor, x: Optional[
             glam if glam is not None else h, N, T, float(decay), float(v_threshold), float(v_reset or 0.0),
             float(width), T_STATIC=_static_T(T), DECAY_LOGIT=decay_logit is not None, DECAY_INPUT=decay_input,
             HARD_RESET=v_reset is not None, DETACH_RESET=detach_reset, SURROGATE=SURROGATE_IDS[surrogate],
-            DECAY_GRAD=decay_grad, BLOCK=block, num_warps=NUM_WARPS)
+            STRICT=strict, DELAYED_RESET=delayed_reset, DECAY_GRAD=decay_grad, BLOCK=block, num_warps=NUM_WARPS)
     return grad_x, glam
 
 
@@ -389,25 +431,28 @@ def _use_triton(x: torch.Tensor) -> bool:
 @torch.library.custom_op("ratebp::lif_spike_pass", mutates_args=())
 def lif_spike_pass(x: torch.Tensor, decay: float, decay_logit: Optional[torch.Tensor], v_threshold: float,
                    v_reset: Optional[float], decay_input: bool, detach_reset: bool, surrogate: str, width: float,
-                   decay_tangent: bool, uint8_spikes: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                   strict: bool, delayed_reset: bool, decay_tangent: bool, uint8_spikes: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                                                      torch.Tensor]:
     """Spike pass of a LIF-family neuron: ``x`` ``[T, ...]`` → (spikes ``[T, ...]``, r, e, e_w), with r, e, e_w
     shaped ``x.shape[1:]``. λ is 1 − sigmoid(``decay_logit``) if the logit is given (ParametricLIF), else
-    ``decay``; e_w = ∂r/∂w is empty unless ``decay_tangent``. Spikes are ``x``'s dtype or uint8."""
+    ``decay``; e_w = ∂r/∂w is empty unless ``decay_tangent``. Spikes are ``x``'s dtype or uint8. ``strict``:
+    fire above the threshold only; ``delayed_reset``: a spike's reset acts at the next step (``lif_math``)."""
     spike_dtype = torch.uint8 if uint8_spikes else x.dtype
     if _use_triton(x):
         spikes, _, r, e, el = launch_lif_forward(
             x.contiguous(), decay, decay_logit, v_threshold, v_reset, decay_input, detach_reset, surrogate, width,
-            write_h=False, write_stats=True, decay_tangent=decay_tangent, spike_dtype=spike_dtype)
+            strict, delayed_reset, write_h=False, write_stats=True, decay_tangent=decay_tangent,
+            spike_dtype=spike_dtype)
     else:
         spikes, r, e, el = lif_spike_pass_reference(x, decay, decay_logit, v_threshold, v_reset, decay_input,
-                                                    detach_reset, surrogate, width, decay_tangent, spike_dtype)
+                                                    detach_reset, surrogate, width, strict, delayed_reset,
+                                                    decay_tangent, spike_dtype)
     return spikes, r, e, el if decay_tangent else x.new_empty((0,))
 
 
 @lif_spike_pass.register_fake
-def _(x, decay, decay_logit, v_threshold, v_reset, decay_input, detach_reset, surrogate, width, decay_tangent,
-      uint8_spikes):
+def _(x, decay, decay_logit, v_threshold, v_reset, decay_input, detach_reset, surrogate, width, strict, delayed_reset,
+      decay_tangent, uint8_spikes):
     spikes = torch.empty_like(x, dtype=torch.uint8 if uint8_spikes else x.dtype)
     el = x.new_empty(x.shape[1:] if decay_tangent else (0,))
     return spikes, x.new_empty(x.shape[1:]), x.new_empty(x.shape[1:]), el
@@ -448,7 +493,7 @@ def lif_scan_finish(state: torch.Tensor, steps: int, decay_logit: Optional[torch
 @torch.library.custom_op("ratebp::lif_spike_scan", mutates_args=("state",))
 def lif_spike_scan(x: torch.Tensor, state: torch.Tensor, decay: float, decay_logit: Optional[torch.Tensor],
                    v_threshold: float, v_reset: Optional[float], decay_input: bool, detach_reset: bool,
-                   surrogate: str, width: float, uint8_spikes: bool) -> torch.Tensor:
+                   surrogate: str, width: float, strict: bool, delayed_reset: bool, uint8_spikes: bool) -> torch.Tensor:
     """The spike pass over a chunk of time ``x`` ``[n, ...]``, resumed from ``state`` and saving it back
     (see :func:`lif_scan_state`); returns the chunk's spikes (``x``'s dtype or uint8). Chunk by chunk it
     computes exactly what ``ratebp::lif_spike_pass`` computes at once; :func:`lif_scan_finish` gives r, e."""
@@ -457,66 +502,71 @@ def lif_spike_scan(x: torch.Tensor, state: torch.Tensor, decay: float, decay_log
     if _use_triton(x):
         spikes, *_ = launch_lif_forward(
             x.contiguous(), decay, decay_logit, v_threshold, v_reset, decay_input, detach_reset, surrogate, width,
-            write_h=False, write_stats=True, decay_tangent=decay_tangent, spike_dtype=spike_dtype, state=state)
+            strict, delayed_reset, write_h=False, write_stats=True, decay_tangent=decay_tangent,
+            spike_dtype=spike_dtype, state=state)
         return spikes
     return lif_spike_scan_reference(x, state, decay, decay_logit, v_threshold, v_reset, decay_input, detach_reset,
-                                    surrogate, width, spike_dtype)
+                                    surrogate, width, strict, delayed_reset, spike_dtype)
 
 
 @lif_spike_scan.register_fake
-def _(x, state, decay, decay_logit, v_threshold, v_reset, decay_input, detach_reset, surrogate, width,
-      uint8_spikes):
+def _(x, state, decay, decay_logit, v_threshold, v_reset, decay_input, detach_reset, surrogate, width, strict,
+      delayed_reset, uint8_spikes):
     return torch.empty_like(x, dtype=torch.uint8 if uint8_spikes else x.dtype)
 
 
 @torch.library.custom_op("ratebp::lif_bptt_forward", mutates_args=())
 def lif_bptt_forward(x: torch.Tensor, decay: float, decay_logit: Optional[torch.Tensor], v_threshold: float,
                      v_reset: Optional[float], decay_input: bool, detach_reset: bool, surrogate: str,
-                     width: float) -> Tuple[torch.Tensor, torch.Tensor]:
+                     width: float, strict: bool, delayed_reset: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     """BPTT forward: ``x`` ``[T, ...]`` → (spikes like ``x``, h: the membrane before reset in the accumulation
     dtype — float32 for float32/16/bf16 — which is all the backward needs). Differentiable in ``x`` and
     ``decay_logit`` (λ = 1 − sigmoid(decay_logit) when given, else ``decay``)."""
     if _use_triton(x):
         spikes, h, _, _, _ = launch_lif_forward(
             x.contiguous(), decay, decay_logit, v_threshold, v_reset, decay_input, detach_reset, surrogate, width,
-            write_h=True, write_stats=False, decay_tangent=False, spike_dtype=x.dtype)
+            strict, delayed_reset, write_h=True, write_stats=False, decay_tangent=False, spike_dtype=x.dtype)
         return spikes, h
-    return lif_bptt_forward_reference(x, decay, decay_logit, v_threshold, v_reset, decay_input)
+    M.check_delayed_reset(delayed_reset, detach_reset)
+    return lif_bptt_forward_reference(x, decay, decay_logit, v_threshold, v_reset, decay_input, strict, delayed_reset)
 
 
 @lif_bptt_forward.register_fake
-def _(x, decay, decay_logit, v_threshold, v_reset, decay_input, detach_reset, surrogate, width):
+def _(x, decay, decay_logit, v_threshold, v_reset, decay_input, detach_reset, surrogate, width, strict, delayed_reset):
     return torch.empty_like(x), torch.empty_like(x, dtype=_acc_dtype(x.dtype))
 
 
 @torch.library.custom_op("ratebp::lif_bptt_backward", mutates_args=())
 def lif_bptt_backward(grad_spikes: torch.Tensor, h: torch.Tensor, x: Optional[torch.Tensor], decay: float,
                       decay_logit: Optional[torch.Tensor], v_threshold: float, v_reset: Optional[float],
-                      decay_input: bool, detach_reset: bool, surrogate: str, width: float,
-                      decay_grad: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+                      decay_input: bool, detach_reset: bool, surrogate: str, width: float, strict: bool,
+                      delayed_reset: bool, decay_grad: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     """BPTT backward: (grad of x, grad of the decay logit — a 0-dim tensor of h's dtype, or empty unless
     ``decay_grad``) from the spikes' gradient and the forward's h. The input ``x`` is needed only for the
     decay gradient with input decay; otherwise it may be None."""
     if _use_triton(grad_spikes):
         grad_x, glam = launch_lif_backward(
             grad_spikes.contiguous(), h.contiguous(), x.contiguous() if x is not None else None, decay, decay_logit,
-            v_threshold, v_reset, decay_input, detach_reset, surrogate, width, decay_grad)
+            v_threshold, v_reset, decay_input, detach_reset, surrogate, width, strict, delayed_reset, decay_grad)
         return grad_x, glam.sum() if decay_grad else h.new_empty((0,))
     grad_x, glam = lif_bptt_backward_reference(grad_spikes, h, x, decay, decay_logit, v_threshold, v_reset,
-                                               decay_input, detach_reset, surrogate, width, decay_grad)
+                                               decay_input, detach_reset, surrogate, width, strict, delayed_reset,
+                                               decay_grad)
     return grad_x, glam if decay_grad else h.new_empty((0,))
 
 
 @lif_bptt_backward.register_fake
 def _(grad_spikes, h, x, decay, decay_logit, v_threshold, v_reset, decay_input, detach_reset, surrogate, width,
-      decay_grad):
+      strict, delayed_reset, decay_grad):
     return torch.empty_like(grad_spikes), h.new_empty(() if decay_grad else (0,))
 
 
 def _bptt_setup(ctx, inputs, output):
-    x, decay, decay_logit, v_threshold, v_reset, decay_input, detach_reset, surrogate, width = inputs
+    x, decay, decay_logit, v_threshold, v_reset, decay_input, detach_reset, surrogate, width, strict, delayed_reset = \
+        inputs
     ctx.args = dict(decay=decay, v_threshold=v_threshold, v_reset=v_reset, decay_input=decay_input,
-                    detach_reset=detach_reset, surrogate=surrogate, width=width)
+                    detach_reset=detach_reset, surrogate=surrogate, width=width, strict=strict,
+                    delayed_reset=delayed_reset)
     ctx.decay_grad = decay_logit is not None and decay_logit.requires_grad
     # x is needed only for the λ gradient with input decay; the h output always.
     keep_x = ctx.decay_grad and decay_input
@@ -528,7 +578,7 @@ def _bptt_backward(ctx, grad_spikes, grad_h):
     args = dict(ctx.args, decay_logit=decay_logit)
     grad_x, grad_decay = lif_bptt_backward(grad_spikes.contiguous(), h, x, decay_grad=ctx.decay_grad, **args)
     grad_logit = grad_decay.reshape(decay_logit.shape).to(decay_logit.dtype) if ctx.decay_grad else None
-    return grad_x, None, grad_logit, None, None, None, None, None, None
+    return grad_x, None, grad_logit, None, None, None, None, None, None, None, None
 
 
 lif_bptt_forward.register_autograd(_bptt_backward, setup_context=_bptt_setup)
@@ -545,12 +595,12 @@ def _lam(decay: float, decay_logit: Optional[torch.Tensor], dtype: torch.dtype =
 
 
 def lif_spike_pass_reference(x, decay, decay_logit, v_threshold, v_reset, decay_input, detach_reset, surrogate,
-                             width, decay_tangent, spike_dtype=None):
+                             width, strict, delayed_reset, decay_tangent, spike_dtype=None):
     """``lif_math.lif_spike_pass`` (closed-form eligibility) in this op's signature."""
     lam, dlam_dw = _lam(decay, decay_logit, _acc_dtype(x.dtype))
     out = M.lif_spike_pass(x, lam, decay_input=decay_input, v_threshold=v_threshold, v_reset=v_reset,
-                           detach_reset=detach_reset, surrogate=surrogate, width=width,
-                           decay_tangent=decay_tangent, spike_dtype=spike_dtype)
+                           detach_reset=detach_reset, surrogate=surrogate, width=width, strict=strict,
+                           delayed_reset=delayed_reset, decay_tangent=decay_tangent, spike_dtype=spike_dtype)
     if not decay_tangent:
         return out + (None,)
     spikes, r, e, e_lam = out
@@ -559,7 +609,7 @@ def lif_spike_pass_reference(x, decay, decay_logit, v_threshold, v_reset, decay_
 
 @torch.no_grad()
 def lif_spike_scan_reference(x, state, decay, decay_logit, v_threshold, v_reset, decay_input, detach_reset,
-                             surrogate, width, spike_dtype):
+                             surrogate, width, strict, delayed_reset, spike_dtype):
     """``lif_math.lif_spike_scan`` on the op's state rows (updated in place)."""
     lam, _ = _lam(decay, decay_logit, _acc_dtype(x.dtype))
     rows = [row.view(x.shape[1:]) for row in state]
@@ -568,7 +618,7 @@ def lif_spike_scan_reference(x, state, decay, decay_logit, v_threshold, v_reset,
                      mu=rows[5] if tangent else 0.0, e_lam=rows[6] if tangent else None)
     spikes, scan = M.lif_spike_scan(x, scan, lam, decay_input=decay_input, v_threshold=v_threshold,
                                     v_reset=v_reset, detach_reset=detach_reset, surrogate=surrogate, width=width,
-                                    spike_dtype=spike_dtype)
+                                    strict=strict, delayed_reset=delayed_reset, spike_dtype=spike_dtype)
     carried = [(rows[0], scan.v), (rows[1], scan.kappa), (rows[2], scan.dvdh)]
     if tangent:
         carried.append((rows[5], scan.mu))
@@ -586,25 +636,25 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 @torch.no_grad()
-def lif_bptt_forward_reference(x, decay, decay_logit, v_threshold, v_reset, decay_input):
+def lif_bptt_forward_reference(x, decay, decay_logit, v_threshold, v_reset, decay_input, strict=False,
+                               delayed_reset=False):
     """Spikes and the membrane before reset h_t (float32, or float64 for float64 input), step by step."""
     acc = _acc_dtype(x.dtype)
     lam, _ = _lam(decay, decay_logit, acc)
     v = torch.zeros(x.shape[1:], dtype=acc, device=x.device)
     spikes, hs = torch.empty_like(x), torch.empty(x.shape, dtype=acc, device=x.device)
     for t in range(x.shape[0]):
-        h = M.charge(v, x[t].to(acc), lam, decay_input)
-        s = (h - v_threshold >= 0).to(acc)
+        _, h, s, v = M.step(v, x[t].to(acc), lam, decay_input=decay_input, v_threshold=v_threshold, v_reset=v_reset,
+                            strict=strict, delayed_reset=delayed_reset)
         hs[t], spikes[t] = h, s
-        v = M.reset(h, s, v_threshold, v_reset)
     return spikes, hs
 
 
 @torch.no_grad()
 def lif_bptt_backward_reference(grad_spikes, h, x, decay, decay_logit, v_threshold, v_reset, decay_input,
-                                detach_reset, surrogate, width, decay_grad):
+                                detach_reset, surrogate, width, strict, delayed_reset, decay_grad):
     """The reverse-time loop: δh_t = g_t·ψ_t + δv_t·∂v_t/∂h_t, δv_{t−1} = λ·δh_t, δc_t = δh_t (·(1 − λ) with
-    input decay), δλ = Σ_t δh_t·∂h_t/∂λ with ∂h_t/∂λ = v_{t−1} (− c_t with input decay), δw = δλ·dλ/dw."""
+    input decay), δλ = Σ_t δh_t·∂h_t/∂λ with ∂h_t/∂λ = v'_{t−1} (− c_t with input decay), δw = δλ·dλ/dw."""
     acc = h.dtype
     lam, dlam_dw = _lam(decay, decay_logit, acc)
     grad_x = torch.empty_like(grad_spikes)
@@ -612,13 +662,16 @@ def lif_bptt_backward_reference(grad_spikes, h, x, decay, decay_logit, v_thresho
     glam = torch.zeros((), dtype=acc, device=h.device)
     for t in reversed(range(h.shape[0])):
         u = h[t] - v_threshold
-        s = (u >= 0).to(acc)
+        s = M.fire(u, strict)
         psi = M.surrogate_grad(surrogate, width, u)
         g_h = grad_spikes[t].to(acc) * psi + grad_v * M.dv_dh(h[t], s, psi, v_threshold, v_reset, detach_reset)
         grad_x[t] = g_h * (1.0 - lam) if decay_input else g_h
         if decay_grad:
-            v_prev = M.reset(h[t - 1], (h[t - 1] - v_threshold >= 0).to(acc), v_threshold, v_reset) if t > 0 \
-                else torch.zeros_like(g_h)
+            kept = torch.zeros_like(g_h)            # the membrane kept after step t − 1
+            if t > 0:
+                kept = h[t - 1] if delayed_reset else M.reset(h[t - 1], M.fire(h[t - 1] - v_threshold, strict),
+                                                              v_threshold, v_reset)
+            v_prev, _ = M.charged_from(kept, v_threshold, v_reset, strict, delayed_reset)
             glam += (g_h * ((v_prev - x[t].to(acc)) if decay_input else v_prev)).sum()
         grad_v = g_h * lam
     return grad_x, glam * dlam_dw

@@ -13,6 +13,18 @@ potential; ``ratebp_compile.families.lif`` maps a neuron that rests elsewhere on
 with Θ(u) = [u ≥ 0] (or [u > 0] where ``strict``) and the spike detached inside the reset when
 ``detach_reset``.
 
+With ``delayed_reset`` (snnTorch's ``reset_delay=True``) a spike's reset acts one step later, and the
+membrane the neuron keeps is the one before reset: from r_t = Θ(v_{t−1} − V_th), the reset signal (the
+previous step's spike, detached),
+
+    h_t = λ·v_{t−1} + c_t − V_th·r_t                       soft reset, outside the decay
+    h_t = λ·((1 − r_t)·v_{t−1} + r_t·v_reset) + c_t        hard reset
+    v_t = h_t
+
+(decay_input scales c_t as above). The delayed reset is always detached; its derivatives are those of
+the detached reset one step earlier, so κ, μ and the BPTT backward below are unchanged except that μ
+and ∂h_t/∂λ read the potential the step charges from, v'_{t−1} (v_{t−1}, or the hard-reset one).
+
 The spike pass computes, without autograd, r = (1/T)·Σ s_t and e = (1/T)·Σ ψ_t·κ_t with
 κ_t = ∂h_t/∂c the sensitivity of the membrane to an input held constant in time:
 κ_0 = k₀, κ_{t+1} = k₀ + λ·(∂v_t/∂h_t)·κ_t with k₀ = 1 (or 1 − λ with decay_input) and
@@ -36,8 +48,8 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-__all__ = ["SURROGATE_NAMES", "surrogate_grad", "decay_from_logit", "charge", "reset", "dv_dh", "fire", "LIFScan",
-           "lif_spike_scan", "lif_spike_pass"]
+__all__ = ["SURROGATE_NAMES", "surrogate_grad", "decay_from_logit", "charge", "reset", "dv_dh", "fire", "step",
+           "charged_from", "check_delayed_reset", "LIFScan", "lif_spike_scan", "lif_spike_pass"]
 
 Decay = Union[float, torch.Tensor]
 
@@ -85,6 +97,33 @@ def fire(u: torch.Tensor, strict: bool = False) -> torch.Tensor:
     return ((u > 0) if strict else (u >= 0)).to(u.dtype)
 
 
+def charged_from(v, v_threshold: float, v_reset: Optional[float], strict: bool, delayed_reset: bool):
+    """``(v', r)``: the potential step t charges from and the delayed reset r_t acting at it (0.0 without
+    ``delayed_reset``, where ``v`` — the membrane after the previous step's reset — is charged as it is)."""
+    if not delayed_reset:
+        return v, 0.0
+    r = fire(v - v_threshold, strict)
+    return (v if v_reset is None else reset(v, r, v_threshold, v_reset)), r
+
+
+def step(v, c, decay: Decay, *, decay_input: bool, v_threshold: float, v_reset: Optional[float], strict: bool,
+         delayed_reset: bool):
+    """One step from the membrane ``v`` the neuron keeps: ``(v', h, s, v_next)`` — the potential it charges
+    from (:func:`charged_from`), the membrane before reset, the spike, the membrane it keeps."""
+    v_in, r = charged_from(v, v_threshold, v_reset, strict, delayed_reset)
+    h = charge(v_in, c, decay, decay_input)
+    if delayed_reset and v_reset is None:
+        h = h - r * v_threshold
+    s = fire(h - v_threshold, strict)
+    return v_in, h, s, (h if delayed_reset else reset(h, s, v_threshold, v_reset))
+
+
+def check_delayed_reset(delayed_reset: bool, detach_reset: bool) -> None:
+    """Refuse a delayed reset that is not detached (no neuron defines one)."""
+    if delayed_reset and not detach_reset:
+        raise ValueError("a delayed reset is detached: delayed_reset=True needs detach_reset=True")
+
+
 def dv_dh(h, s, psi, v_threshold: float, v_reset: Optional[float], detach_reset: bool):
     """∂v_t/∂h_t through the reset, for each reset mode and detach setting (see the module docstring)."""
     if v_reset is None:
@@ -127,29 +166,30 @@ class LIFScan:
 @torch.no_grad()
 def lif_spike_scan(x_seq: torch.Tensor, state: LIFScan, decay: Decay, *, decay_input: bool, v_threshold: float,
                    v_reset: Optional[float], detach_reset: bool, surrogate, width: float, strict: bool = False,
-                   spike_dtype: Optional[torch.dtype] = None) -> Tuple[torch.Tensor, LIFScan]:
+                   delayed_reset: bool = False, spike_dtype: Optional[torch.dtype] = None) -> Tuple[torch.Tensor, LIFScan]:
     """Run the spike pass over the steps ``x_seq`` ``[n, ...]`` from ``state``: returns the spikes
     ``[n, ...]`` (in ``spike_dtype``, default ``x_seq``'s) and the state after the last step. The decay
     tangent is tracked when ``state.e_lam`` is a tensor."""
+    check_delayed_reset(delayed_reset, detach_reset)
     k0 = (1.0 - decay) if decay_input else 1.0
     tangent = state.e_lam is not None
     v, kappa, mu, dvdh = state.v, state.kappa, state.mu, state.dvdh
     spikes = torch.empty(x_seq.shape, dtype=spike_dtype or x_seq.dtype, device=x_seq.device)
     for t in range(x_seq.shape[0]):
         c = x_seq[t].to(v.dtype)
+        v_in, h, s, v_next = step(v, c, decay, decay_input=decay_input, v_threshold=v_threshold, v_reset=v_reset,
+                                  strict=strict, delayed_reset=delayed_reset)
         kappa = k0 + decay * dvdh * kappa
         if tangent:
-            mu = (v - c if decay_input else v) + decay * dvdh * mu
-        h = charge(v, c, decay, decay_input)
+            mu = (v_in - c if decay_input else v_in) + decay * dvdh * mu
         u = h - v_threshold
-        s = fire(u, strict)
         psi = surrogate(u) if callable(surrogate) else surrogate_grad(surrogate, width, u)
         state.r += s
         state.e += psi * kappa
         if tangent:
             state.e_lam += psi * mu
         dvdh = dv_dh(h, s, psi, v_threshold, v_reset, detach_reset)
-        v = reset(h, s, v_threshold, v_reset)
+        v = v_next
         spikes[t] = s
     state.v, state.kappa, state.mu, state.dvdh = v, kappa, mu, dvdh
     state.steps += x_seq.shape[0]
@@ -158,7 +198,7 @@ def lif_spike_scan(x_seq: torch.Tensor, state: LIFScan, decay: Decay, *, decay_i
 
 def lif_spike_pass(x_seq: torch.Tensor, decay: Decay, *, decay_input: bool, v_threshold: float,
                    v_reset: Optional[float], detach_reset: bool, surrogate, width: float, strict: bool = False,
-                   decay_tangent: bool = False, spike_dtype: Optional[torch.dtype] = None) -> Tuple[torch.Tensor, ...]:
+                   delayed_reset: bool = False, decay_tangent: bool = False, spike_dtype: Optional[torch.dtype] = None) -> Tuple[torch.Tensor, ...]:
     """The exact forward over ``x_seq`` ``[T, ...]`` without autograd, in closed form.
 
     Returns ``(spikes [T, ...], r [...], e [...])``, plus ``e_λ = ∂r/∂λ`` when ``decay_tangent``; spikes
@@ -166,5 +206,6 @@ def lif_spike_pass(x_seq: torch.Tensor, decay: Decay, *, decay_input: bool, v_th
     """
     spikes, state = lif_spike_scan(x_seq, LIFScan.start(x_seq[0], decay_tangent), decay, decay_input=decay_input,
                                    v_threshold=v_threshold, v_reset=v_reset, detach_reset=detach_reset,
-                                   surrogate=surrogate, width=width, strict=strict, spike_dtype=spike_dtype)
+                                   surrogate=surrogate, width=width, strict=strict, delayed_reset=delayed_reset,
+                                   spike_dtype=spike_dtype)
     return (spikes,) + state.finish(x_seq.dtype)

@@ -394,7 +394,7 @@ class _Folder:
         node = self.graph.call_function(final_membrane, (
             self._per_step(self.graph, args["x"], template), self.T, args["decay"],
             self._env(args["decay_logit"]) if isinstance(args["decay_logit"], fx.Node) else None,
-            args["v_threshold"], args["v_reset"], args["decay_input"]))
+            args["v_threshold"], args["v_reset"], args["decay_input"], args["strict"], args["delayed_reset"]))
         return copy_meta(node, a, PASS)
 
     def _per_step(self, g: fx.Graph, a: fx.Node, node: fx.Node):

@@ -1,6 +1,6 @@
 """The LIF family: spikes and r equal the BPTT forward; e equals autograd's d(mean spikes)/dc for a
 constant input, and forward-mode AD through the family's step, for every reset mode x detach x
-surrogate x input decay x resting potential x tie rule."""
+surrogate x input decay x resting potential x tie rule x delayed reset."""
 import itertools
 
 import pytest
@@ -163,14 +163,18 @@ def test_generic_parameter_eligibility_equals_plif_closed_form():
 
 
 # -- resting potential and tie rule (SpikingJelly rests at v_reset; snnTorch and Norse fire above) --
-SETTINGS = list(itertools.product([None, 0.0, -0.3], [True, False], [False, True], [0.0, -0.3, 0.2], [False, True],
-                                  [0.35, None]))
+SETTINGS = [c + (False,) for c in itertools.product([None, 0.0, -0.3], [True, False], [False, True], [0.0, -0.3, 0.2],
+                                                    [False, True], [0.35, None])]
+# the delayed reset (snnTorch's Leaky), always detached
+SETTINGS += list(itertools.product([None, 0.0, -0.3], [True], [False, True], [0.0, -0.3], [False, True], [0.35, None],
+                                   [True]))
 
 
 def _setting_id(case):
-    reset, detach, decay_input, rest, strict, decay = case
+    reset, detach, decay_input, rest, strict, decay, delayed = case
     return f"{'soft' if reset is None else f'hard{reset}'}-{'det' if detach else 'nodet'}-" \
-           f"{'din' if decay_input else 'nodin'}-rest{rest}-{'gt' if strict else 'ge'}-{'plif' if decay is None else decay}"
+           f"{'din' if decay_input else 'nodin'}-rest{rest}-{'gt' if strict else 'ge'}-" \
+           f"{'plif' if decay is None else decay}" + ("-delayed" if delayed else "")
 
 
 @pytest.mark.parametrize("surrogate", [Sigmoid(3.0), SuperSpike(1.5, 2.0)], ids=["kernel-sg", "other-sg"])
@@ -179,9 +183,9 @@ def test_closed_form_equals_forward_mode_ad_through_the_step(case, surrogate):
     """For every setting the closed-form scan equals the generic engine (forward-mode AD through
     ``step``), chunked, with the parameter's eligibility — with a surrogate the kernels know and one
     they do not."""
-    v_reset, detach, decay_input, rest, strict, decay = case
+    v_reset, detach, decay_input, rest, strict, decay, delayed = case
     dyn = LIFDynamics(decay=decay, decay_input=decay_input, v_threshold=0.8, v_reset=v_reset, detach_reset=detach,
-                      surrogate=surrogate, v_rest=rest, strict=strict)
+                      surrogate=surrogate, v_rest=rest, strict=strict, delayed_reset=delayed)
     params = (torch.tensor(0.2, dtype=torch.float64),) if decay is None else ()
     x = torch.randn(6, 2, 50, dtype=torch.float64) * 0.8 + 0.6
     x[:, 0, :5] = 0.8 - rest         # inputs that land exactly on the threshold: the tie rule decides
@@ -200,13 +204,32 @@ def test_resting_potential_is_where_the_membrane_starts_and_leaks_to():
     assert strict.multistep(x, ()).tolist() == [[0.0, 0.0]]
 
 
+def test_delayed_reset_acts_one_step_later():
+    """λ = 0.5, V_th = 1, input 1.5 then nothing: the spike's reset lands at the next step, after the decay
+    (soft: 0.75 − 1) or before it (hard to 0: 0.5·0); the membrane kept is the one before reset."""
+    x = torch.tensor([[1.5], [0.0], [0.0]], dtype=torch.float64)
+    for v_reset, expected in ((None, [1.5, -0.25, -0.125]), (0.0, [1.5, 0.0, 0.0])):
+        dyn = LIFDynamics(decay=0.5, v_threshold=1.0, v_reset=v_reset, detach_reset=True, delayed_reset=True)
+        state, trace = dyn.init_state(x[0]), []
+        for x_t in x:
+            s, state = dyn.step(x_t, state, ())
+            trace.append(state[0].item())
+        assert trace == expected
+    now = LIFDynamics(decay=0.5, v_threshold=1.0, detach_reset=True)
+    assert now.step(x[0], now.init_state(x[0]), ())[1][0].item() == 0.5
+    with pytest.raises(ValueError, match="detach_reset=True"):
+        LIFDynamics(decay=0.5, detach_reset=False, delayed_reset=True)
+    assert "at the next step" in LIFDynamics(decay=0.5, delayed_reset=True).describe()
+
+
 def test_fusable_only_where_the_kernels_compute_it():
     from ratebp_compile.nn import IF, LIF
     x = torch.zeros(2, 3)
     assert LIF().spec().fusable(x) and IF().spec().fusable(x.half())
     assert ParametricLIF().spec().fusable(x.bfloat16()) and LIF().spec().fusable(x.double())
     assert LIFDynamics(decay=0.5, v_rest=-0.1).fusable(x)
-    assert not LIFDynamics(decay=0.5, strict=True).fusable(x)
+    assert LIFDynamics(decay=0.5, strict=True, delayed_reset=True).fusable(x)
+    assert not LIFDynamics(decay=0.5, surrogate=SuperSpike(1.5, 2.0)).fusable(x)
     assert not LIF().spec().fusable(x.long())
 
     class Mine(Neuron):

@@ -15,42 +15,52 @@ def _x(*shape, requires_grad=False):
     return (torch.randn(*shape, device=DEVICE) + 0.5).requires_grad_(requires_grad)
 
 
-COMMON = dict(v_threshold=1.0, decay_input=True, detach_reset=False, surrogate="atan", width=2.0)
+COMMON = dict(v_threshold=1.0, decay_input=True, detach_reset=False, surrogate="atan", width=2.0, strict=False,
+              delayed_reset=False)
+# the other tie rule and the delayed reset (detached)
+VARIANT = dict(COMMON, detach_reset=True, strict=True, delayed_reset=True)
 
 
-@pytest.mark.parametrize("learned,v_reset", [(False, None), (True, 0.0)], ids=["lif-soft", "plif-hard"])
-def test_opcheck_spike_pass(learned, v_reset):
+NEURONS = pytest.mark.parametrize("learned,v_reset,flags", [(False, None, COMMON), (True, 0.0, COMMON),
+                                                            (False, None, VARIANT), (True, 0.0, VARIANT)],
+                                   ids=["lif-soft", "plif-hard", "lif-soft-strict-delayed", "plif-hard-strict-delayed"])
+
+
+@NEURONS
+def test_opcheck_spike_pass(learned, v_reset, flags):
     decay = torch.tensor(0.4, device=DEVICE) if learned else None
     torch.library.opcheck(torch.ops.ratebp.lif_spike_pass.default,
-                          (_x(3, 2, 5), float("nan") if learned else 0.4, decay), dict(COMMON, v_reset=v_reset, decay_tangent=learned,
-                                                           uint8_spikes=learned))
+                          (_x(3, 2, 5), float("nan") if learned else 0.4, decay),
+                          dict(flags, v_reset=v_reset, decay_tangent=learned, uint8_spikes=learned))
 
 
-@pytest.mark.parametrize("learned,v_reset", [(False, None), (True, 0.0)], ids=["lif-soft", "plif-hard"])
-def test_opcheck_spike_scan(learned, v_reset):
+@NEURONS
+def test_opcheck_spike_scan(learned, v_reset, flags):
     from ratebp_compile.kernels.lif import lif_scan_state
 
     decay = torch.tensor(0.4, device=DEVICE) if learned else None
     x = _x(3, 2, 5)
     torch.library.opcheck(torch.ops.ratebp.lif_spike_scan.default,
                           (x, lif_scan_state(x[0], learned), float("nan") if learned else 0.4, decay),
-                          dict(COMMON, v_reset=v_reset, uint8_spikes=True))
+                          dict(flags, v_reset=v_reset, uint8_spikes=True))
 
 
-@pytest.mark.parametrize("learned,v_reset", [(False, None), (True, 0.0)], ids=["lif-soft", "plif-hard"])
-def test_opcheck_bptt_forward(learned, v_reset):
+@NEURONS
+def test_opcheck_bptt_forward(learned, v_reset, flags):
     decay = torch.tensor(0.4, device=DEVICE, requires_grad=learned) if learned else None
     torch.library.opcheck(torch.ops.ratebp.lif_bptt_forward.default,
-                          (_x(3, 2, 5, requires_grad=True), float("nan") if learned else 0.4, decay), dict(COMMON, v_reset=v_reset))
+                          (_x(3, 2, 5, requires_grad=True), float("nan") if learned else 0.4, decay),
+                          dict(flags, v_reset=v_reset))
 
 
-@pytest.mark.parametrize("decay_grad,with_x", [(False, True), (True, True), (False, False)])
-def test_opcheck_bptt_backward(decay_grad, with_x):
+@pytest.mark.parametrize("decay_grad,with_x,flags", [(False, True, COMMON), (True, True, COMMON), (False, False, COMMON),
+                                                     (True, True, VARIANT)])
+def test_opcheck_bptt_backward(decay_grad, with_x, flags):
     x = _x(3, 2, 5)
-    _, h = torch.ops.ratebp.lif_bptt_forward(x, 0.4, None, **dict(COMMON, v_reset=None))
+    _, h = torch.ops.ratebp.lif_bptt_forward(x, 0.4, None, **dict(flags, v_reset=None))
     torch.library.opcheck(torch.ops.ratebp.lif_bptt_backward.default,
                           (torch.randn_like(x), h, x if with_x else None, 0.4, torch.tensor(0.4, device=DEVICE)),
-                          dict(COMMON, v_reset=None, decay_grad=decay_grad))
+                          dict(flags, v_reset=None, decay_grad=decay_grad))
 
 
 def test_compile_fullgraph_of_neuron_modules_has_no_graph_break():
