@@ -31,6 +31,11 @@ in the order ``params`` names them. The state is ``(m,)``: r_t is a function of 
 else is needed. The eligibility has a closed form (:func:`closed_form_scan`: the sensitivities to the
 input and to each learnable constant carried through the same recurrence, in one loop), tested against
 forward-mode AD through ``step`` (``Family.scan``).
+
+Fused kernels: with β, θ constant, g = 1 and the delayed "subtract" or "zero" reset (snnTorch's
+defaults but for learn_beta), the neuron is a LIF with a delayed reset firing strictly above θ
+(:meth:`LeakyDynamics.as_lif`: λ = clamp(β), soft or hard-to-0 reset, detached) and runs the LIF
+family's fused ops wherever that one would.
 """
 from __future__ import annotations
 
@@ -41,6 +46,7 @@ import torch
 
 from ..nn.surrogate import ATan, Surrogate, spike
 from .base import Family, Params
+from .lif import LIFDynamics
 
 __all__ = ["LeakyDynamics", "SnnTorchConstants", "RESETS", "reset_signal", "fire_and_reset"]
 
@@ -271,6 +277,37 @@ class LeakyDynamics(SnnTorchConstants, Family):
             h = h - r * c["threshold"]
             dh = {d: dh[d] - r * dc["threshold"][d] for d in directions}
         return h, dh, ()
+
+    # -- fused kernels -------------------------------------------------------------------------
+    def as_lif(self) -> Optional[LIFDynamics]:
+        """The same neuron in the LIF family, where there is one: β, θ constants, g = 1, the reset
+        delayed and "subtract" (soft) or "zero" (hard to 0); else None. Step by step the LIF computes
+        the same values in the same order (β·m + x − r·θ; β·((1 − r)·m) + x)."""
+        if self.beta is None or self.threshold is None or self.graded_spikes_factor != 1.0 or \
+                not self.reset_delay or self.reset == "none":
+            return None
+        return LIFDynamics(decay=_clamp01(self.beta), v_threshold=self.threshold,
+                           v_reset=None if self.reset == "subtract" else 0.0, detach_reset=True,
+                           surrogate=self.surrogate, strict=True, delayed_reset=True)
+
+    def fusable(self, x) -> bool:
+        lif = self.as_lif()
+        return lif is not None and lif.fusable(x)
+
+    def op_args(self, params: Params) -> tuple:
+        return self.as_lif().op_args(params)
+
+    def fused_multistep(self, x_seq, params):
+        return self.as_lif().fused_multistep(x_seq, params)
+
+    def fused_spike_pass(self, x_seq, params):
+        return self.as_lif().fused_spike_pass(x_seq, params)
+
+    def fused_scan(self, x_seq, carry, params):
+        return self.as_lif().fused_scan(x_seq, carry, params)
+
+    def fused_finish(self, carry, steps: int, params, shape, dtype):
+        return self.as_lif().fused_finish(carry, steps, params, shape, dtype)
 
     def describe(self) -> str:
         return f"Leaky({self._describe_constant('β', 'beta')}, {self._describe_constant('θ', 'threshold')}, " \

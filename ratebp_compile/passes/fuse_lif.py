@@ -32,9 +32,9 @@ def fuse_lif(gm: fx.GraphModule) -> PassResult:
     """Run LIF, IF and ParametricLIF neurons as fused Triton kernels (``ratebp::lif_spike_pass`` in a
     spike graph, ``ratebp::lif_bptt_forward`` — with its reverse-time backward — in a BPTT graph).
 
-    A neuron node is fused when its family says so (``spec.fusable(x)``): a LIF-family neuron with one
-    of the kernels' four surrogates, firing at the threshold, on floating-point input; other neurons
-    keep their PyTorch path. The ops run the Triton
+    A neuron node is fused when its family says so (``spec.fusable(x)``): a LIF-family neuron (either
+    tie rule, the reset now or delayed — snnTorch's ``Leaky`` with constants is one) with one of the
+    kernels' four surrogates, on floating-point input; other neurons keep their PyTorch path. The ops run the Triton
     kernels on CUDA float32/16/bf16 tensors and their PyTorch reference otherwise (CPU, float64), or the
     kernels on CPU under ``TRITON_INTERPRET=1``.
 

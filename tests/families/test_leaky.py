@@ -177,3 +177,41 @@ def test_closed_form_equals_forward_mode_ad_through_the_step(reset, delay, setti
     constants, _, names, dyn = _setting(reset, delay, ATan(2.0), *setting)
     params = tuple(constants[n] for n in names)
     assert_closed_form_is_forward_mode_ad(dyn, params, C.inputs((T + 3, B, K), seed=3), [4, 5])
+
+
+@pytest.mark.parametrize("reset", ["subtract", "zero"])
+@pytest.mark.parametrize("beta", [0.5, 1.3], ids=["beta0.5", "beta-clamped"])
+def test_as_lif_is_the_same_neuron_and_runs_the_fused_ops(reset, beta):
+    """With constants, g = 1 and the delayed reset a Leaky is a LIF with a delayed reset firing above θ:
+    step by step the same spikes and the same membranes, bitwise (on a grid where many membranes land
+    exactly on θ); the fused ops give the family's spikes, r, e and BPTT gradients."""
+    dyn = LeakyDynamics(beta=beta, threshold=1.0, reset=reset, reset_delay=True, surrogate=ATan(2.0))
+    lif = dyn.as_lif()
+    assert lif is not None and lif.strict and lif.delayed_reset and lif.decay == min(beta, 1.0)
+    x = torch.randint(-2, 8, (9, 4, 16), generator=torch.Generator().manual_seed(5)).double() / 4
+    ours, theirs = dyn.init_state(x[0]), lif.init_state(x[0])
+    ties = 0
+    for x_t in x:
+        s, ours = dyn.step(x_t, ours, ())
+        s_lif, theirs = lif.step(x_t, theirs, ())
+        assert torch.equal(s, s_lif) and torch.equal(ours[0], theirs[0])
+        ties += int((ours[0] == 1.0).sum())
+    assert ties > 10
+    assert dyn.fusable(x) and dyn.op_args(()) == lif.op_args(())
+    for fused, closed in zip(dyn.fused_spike_pass(x, ()), dyn.spike_pass(x, ())):
+        torch.testing.assert_close(fused, closed, rtol=1e-12, atol=1e-12)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    g = torch.randn_like(x)
+    spikes = dyn.fused_multistep(xa, ())
+    assert torch.equal(spikes, dyn.multistep(xb, ()))
+    (spikes * g).sum().backward()
+    (dyn.multistep(xb, ()) * g).sum().backward()
+    torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_as_lif_only_where_it_is_the_same_neuron():
+    assert LeakyDynamics(beta=0.9).as_lif() is not None
+    for other in (LeakyDynamics(beta=None), LeakyDynamics(beta=0.9, threshold=None),
+                  LeakyDynamics(beta=0.9, graded_spikes_factor=0.5), LeakyDynamics(beta=0.9, reset_delay=False),
+                  LeakyDynamics(beta=0.9, reset="none")):
+        assert other.as_lif() is None and not other.fusable(torch.zeros(2))
