@@ -5,8 +5,9 @@
     opt = torch.compile(ratebp_compile.transform(snn), backend="ratebp")      # the same step
 
 Dynamo captures the forward (neuron modules appear as their fused custom op, their inputs marked with the
-neuron's training flag, ``marks.neuron_mode``); the backend runs the same pipeline as ``transform`` on that
-graph and returns the program, whose spike graph (no autograd) and rate graph (through AOTAutograd) are
+neuron's training flag, ``marks.neuron_mode``; SpikingJelly's as its own custom ops; snnTorch's, Norse's
+and other registered neurons as one module call each, ``dynamo_neurons``, whose settings the backend
+guards itself); the backend runs the same pipeline as ``transform`` on that graph and returns the program, whose spike graph (no autograd) and rate graph (through AOTAutograd) are
 compiled by the ``compiler`` option: "inductor" (default), "aot_eager" or "eager" (debugging). Gradients
 equal ``transform``'s. Which step a graph gets follows the rule ``transform`` uses (``options.step_kind``):
 the compiled step in training mode — the neurons' mode — with autograd on, the plain SNN otherwise. The
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import operator
 import traceback
 import weakref
 from typing import Any, Deque, Dict, List, Optional, Sequence, Tuple
@@ -34,9 +36,12 @@ import torch.fx as fx
 from torch import nn
 
 from .capture import propagate_shapes
-from .errors import RateBPError, user_frame
+from .dynamo_neurons import install as _install_neuron_calls
+from .errors import RateBPError, describe_node, user_frame
+from .guards import Guards, neuron_config
+from .interop import PORTING, UnsupportedNeuron
 from .marks import neuron_mode, step_settings
-from .nn.spec import neuron_op
+from .nn.spec import call_form, neuron_op
 from .oprules import arg, is_module_state
 from .options import StepOptions, step_kind
 from .passes.batchnorm_parts import is_batchnorm
@@ -88,10 +93,82 @@ class CompiledGraph(nn.Module):
         return self._fn(*args)
 
 
+def _neuron_config(gm: fx.GraphModule, node: fx.Node):
+    """The spec of the neuron a ``call_module`` node calls (None: not a neuron); a setting the compiler cannot
+    honour is refused naming the module and the user's line."""
+    module = gm.get_submodule(node.target)
+    try:
+        return neuron_config(module)
+    except UnsupportedNeuron as e:
+        raise RateBPError(f"ratebp backend: {describe_node(node, gm)} ({type(module).__module__}."
+                          f"{type(module).__qualname__}) cannot be compiled: {e} See {PORTING}.") from None
+
+
+def _neuron_modules(gm: fx.GraphModule) -> List[nn.Module]:
+    """The neurons of other libraries that ``gm`` calls as modules (``dynamo_neurons``), once each."""
+    modules = []
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and _neuron_config(gm, node) is not None:
+            module = gm.get_submodule(node.target)
+            if not any(module is m for m in modules):
+                modules.append(module)
+    return modules
+
+
+def _is_element(node, source: fx.Node, index: int) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target is operator.getitem and \
+        node.args == (source, index)
+
+
+def _reuse_state_tuples(gm: fx.GraphModule) -> None:
+    """A state tuple Dynamo takes apart and builds again between two calls of a neuron module
+    (``LIFFeedForwardState(s[0], s[1])`` for Norse's ``s``) → ``s`` itself, as the model passes it: the
+    form ``transform``'s capture gives the call, where the state is visibly the previous call's."""
+    rebuilt = []
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or _neuron_config(gm, node) is None:
+            continue
+        args = list(node.args)
+        for i, a in enumerate(args):
+            if isinstance(a, fx.Node) and a.op == "call_function" and isinstance(a.target, type) and \
+                    issubclass(a.target, tuple) and not a.kwargs and a.args and \
+                    isinstance(a.args[0], fx.Node) and a.args[0].target is operator.getitem:
+                source = a.args[0].args[0]
+                if all(_is_element(e, source, j) for j, e in enumerate(a.args)) and \
+                        isinstance(source, fx.Node) and isinstance(source.meta.get("example_value"), a.target):
+                    args[i] = source
+                    rebuilt.append(a)
+        node.args = tuple(args)
+    for tup in dict.fromkeys(rebuilt):           # the rebuilt tuple and the elements only it read
+        if not tup.users:
+            elements = list(tup.args)
+            gm.graph.erase_node(tup)
+            for e in elements:
+                if not e.users:
+                    gm.graph.erase_node(e)
+    gm.recompile()
+
+
+def _complete_outputs(gm: fx.GraphModule) -> None:
+    """Give every call of a neuron module that returns a tuple (``spk, mem = lif(x, mem)``) a ``getitem`` node
+    for each element, used or not, as ``transform``'s capture does: Dynamo leaves out the unused ones (the
+    last step's membrane), which would make the last step of a loop look unlike the others."""
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or _neuron_config(gm, node) is None:
+            continue
+        outputs = call_form(gm.get_submodule(node.target)).outputs
+        present = {u.args[1] for u in node.users if u.target is operator.getitem}
+        for index in range(len(outputs)):
+            if index not in present:
+                with gm.graph.inserting_after(node):
+                    gm.graph.call_function(operator.getitem, (node, index))
+    gm.recompile()
+
+
 def _read_marks(gm: fx.GraphModule) -> Tuple[Dict[fx.Node, tuple], List[bool]]:
     """Remove the ``marks`` from ``gm``: returns ``{marked placeholder: (layout, step, grad_scale, time_chunk,
     cache_size)}`` of a transformed module's inputs and the training flags of the neurons."""
-    settings, modes = {}, []
+    settings, modes = {}, [m.training for m in _neuron_modules(gm)]
     for node in list(gm.graph.nodes):
         if node.op == "call_function" and node.target in (step_settings, neuron_mode):
             x, *values = node.args
@@ -123,12 +200,14 @@ def _uses_running_statistics(gm: fx.GraphModule) -> bool:
 
 
 def _has_neurons(gm: fx.GraphModule) -> bool:
-    """Dynamo records every neuron of ``ratebp_compile.nn`` as one of the package's custom ops."""
+    """Dynamo records every neuron of ``ratebp_compile.nn`` as one of the package's custom ops, SpikingJelly's
+    as its own, and other libraries' as module calls (``dynamo_neurons``)."""
     def ours(target) -> bool:
         op = target.default if isinstance(target, torch._ops.OpOverloadPacket) else target
         return isinstance(op, torch._ops.OpOverload) and op.namespace == "ratebp"
 
-    return any(n.op == "call_function" and (ours(n.target) or neuron_op(n.target) is not None) for n in gm.graph.nodes)
+    return bool(_neuron_modules(gm)) or \
+        any(n.op == "call_function" and (ours(n.target) or neuron_op(n.target) is not None) for n in gm.graph.nodes)
 
 
 def _where(stack) -> str:
@@ -192,6 +271,20 @@ def _specialise_scalars(gm: fx.GraphModule, args: Sequence[Any], scalars: Sequen
     gm.recompile()
 
 
+def _module_guards(gm: fx.GraphModule) -> Optional[Guards]:
+    """Guards on the neuron modules ``gm`` calls (``dynamo_neurons``): their specs, tensors and hooks, and the
+    state of those called without one (it must stay at rest); None when it calls none."""
+    if not _neuron_modules(gm):
+        return None
+    stored = []
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            module = gm.get_submodule(node.target)
+            if neuron_config(module) is not None and len(node.args) - 1 < call_form(module).state_args:
+                stored.append(module)
+    return Guards(gm, {}, stored_state=stored)
+
+
 class RateBPCompiledFunction:
     """The callable the backend returns for a training graph: the program for each concrete input
     signature is built at its first call (Dynamo may have made some sizes symbolic; the rate graph is
@@ -203,8 +296,15 @@ class RateBPCompiledFunction:
         self.layouts = layouts
         self.scalars = _scalar_inputs(gm)
         self.programs: "collections.OrderedDict[tuple, Program]" = collections.OrderedDict()
+        self.guards = _module_guards(gm)
 
     def __call__(self, *args):
+        if self.guards is not None:
+            changed = self.guards.check()
+            if changed is not None:              # Dynamo does not see the settings of a neuron it calls
+                log.debug("ratebp backend: %s; building the programs again", changed)
+                self.programs.clear()
+                self.guards = _module_guards(self.gm)
         sig = _signature(args, self.scalars)
         program = self.programs.get(sig)
         if program is None:
@@ -250,6 +350,8 @@ def ratebp_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: O
         raise RateBPError(f"the ratebp backend takes no mode (got {mode!r}); use options={{'compiler': ...}}")
     opts = StepOptions.parse(options, "ratebp backend")
     settings, modes = _read_marks(gm)
+    _reuse_state_tuples(gm)
+    _complete_outputs(gm)
     if settings:            # a transformed module: its settings, and the step it decided on
         _, kind, grad_scale, time_chunk, cache_size = next(iter(settings.values()))
         if kind != "plain":
@@ -284,3 +386,4 @@ def _register() -> None:
 
 
 _register()
+_install_neuron_calls()

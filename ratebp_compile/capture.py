@@ -44,7 +44,7 @@ from .nn.neuron import Neuron
 from .nn.spec import NeuronSpec, call_form, cell_spec, is_single_step, neuron_spec, registered_neuron_types
 from .statewatch import StateWatch
 
-__all__ = ["capture", "propagate_shapes", "is_foreign_neuron"]
+__all__ = ["capture", "propagate_shapes", "is_foreign_neuron", "restored_attributes"]
 
 # Base classes of stateful neurons in other SNN libraries, recognised by name so that those
 # libraries need not be installed.
@@ -292,7 +292,7 @@ def capture(model: torch.nn.Module, example_args: Sequence[Any]) -> fx.GraphModu
     tracer = _ShapedTracer(example_args, neuron_specs(model, refused), refused)
     watch = StateWatch(model, lambda m: not _is_neuron_leaf(m), _calling_frame)
     try:
-        with _all_training(model), _restored_attributes(model):
+        with _all_training(model), restored_attributes(model):
             with watch.watching():
                 graph = tracer.trace(model, concrete_args=_constant_arguments(model, example_args))
             _add_root_hooks(graph, model)
@@ -413,7 +413,7 @@ def on_fake_tensors(gm: fx.GraphModule):
             out = torch.empty_strided(tuple(t.shape), tuple(t.stride()), dtype=t.dtype, device=t.device)
         return out.requires_grad_(t.requires_grad) if t.is_floating_point() else out
 
-    with _restored_attributes(gm), _numeric_momentum(gm), _fake_parameters_and_buffers(gm, fake), \
+    with restored_attributes(gm), _numeric_momentum(gm), _fake_parameters_and_buffers(gm, fake), \
             hooks_suspended(hooked_modules(gm)), fake_mode:
         yield fake
 
@@ -449,7 +449,7 @@ def _fake_parameters_and_buffers(gm: fx.GraphModule, fake):
 
 
 @contextmanager
-def _restored_attributes(root: torch.nn.Module):
+def restored_attributes(root: torch.nn.Module):
     """Put back every attribute a module's forward sets while it is traced or runs on fake tensors (the
     state of a single-step neuron, say, which another library may keep in a buffer its forward — or a
     reset the user's forward calls — replaces: snnTorch's ``mem``, SpikingJelly's memories)."""

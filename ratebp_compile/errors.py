@@ -52,11 +52,19 @@ def user_frame(stack_trace: Optional[str]) -> Optional[str]:
     return f'{m["file"]}:{m["line"]} in {m["func"]}: {m["code"].strip()}'
 
 
+def dynamo_module_path(name: str) -> str:
+    """A module's path in the model from the name of Dynamo's source for it (``L['self'].layers[0].sn`` or
+    ``L['self']._modules['layers']._modules['0'].sn`` → ``layers.0.sn``)."""
+    path = re.sub(r"^L\['[^']*'\]\.?", "", name)
+    path = re.sub(r"\[(\d+)\]", r".\1", path).replace("_modules['", "").replace("']", "")
+    return path.strip(".")
+
+
 def describe_node(node: torch.fx.Node, gm: Optional[torch.fx.GraphModule] = None) -> str:
     """A short, human-readable name for ``node``: the module path and class for module calls,
     the function or method otherwise, followed by the user's source line when it is known."""
     if node.op == "call_module":
-        what = f"module '{node.target}'"
+        what = f"module '{node.meta.get('ratebp.module_path', node.target)}'"
         if gm is not None:
             try:
                 what += f" ({type(gm.get_submodule(node.target)).__name__})"

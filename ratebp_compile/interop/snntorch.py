@@ -159,7 +159,11 @@ def _check_plain(m, cls) -> None:
 def _reset_mode(m, cls) -> str:
     fn = getattr(m, "state_function", None)
     modes = {cls._base_sub: "subtract", cls._base_zero: "zero", cls._base_int: "none"}
-    if getattr(fn, "__self__", None) is not m or getattr(fn, "__func__", None) not in modes:
+    owner = getattr(fn, "__self__", None)
+    # bound to this module (or to the module whose attributes it shares: the stand-in torch.compile's graphs
+    # hold for a module, see torch._dynamo.utils.nn_module_proxy)
+    if (owner is not m and getattr(owner, "__dict__", None) is not vars(m)) or \
+            getattr(fn, "__func__", None) not in modes:
         raise UnsupportedNeuron("its state_function is not one of snnTorch's own updates (_base_sub, _base_zero, "
                                 "_base_int) bound to it")
     mode = modes[fn.__func__]

@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import operator
-import re
 from typing import Optional
 
 import torch
 import torch.fx as fx
 
-from ..errors import RateBPError, describe_node
+from ..errors import RateBPError, describe_node, dynamo_module_path
 from ..families.lif import LIFDynamics, spec_from_op_args
 from ..interop import PORTING, UnsupportedNeuron
 from ..kernels.lif import op_arguments
@@ -39,10 +38,7 @@ def _module_path(node: fx.Node) -> str:
     stack = node.meta.get("nn_module_stack") or {}
     if not stack:
         return node.name
-    path = str(list(stack.values())[-1][0])
-    path = re.sub(r"^L\['[^']*'\]\.?", "", path)
-    path = re.sub(r"\[(\d+)\]", r".\1", path).replace("_modules['", "").replace("']", "")
-    return path.strip(".") or node.name
+    return dynamo_module_path(str(list(stack.values())[-1][0])) or node.name
 
 
 def _normalize_op_form(gm: fx.GraphModule, node: fx.Node) -> None:

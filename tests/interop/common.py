@@ -28,6 +28,22 @@ def train_step(model, x, loss_fn, method, **options):
                  for n, p in model.named_parameters() if p.requires_grad}
 
 
+def compiled_step(model, x, loss_fn, method):
+    """:func:`train_step` through ``torch.compile(model, backend="ratebp")`` (its "eager" compiler: the same
+    graphs, without Inductor's compile time)."""
+    model.zero_grad(set_to_none=True)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="ratebp", options={"compiler": "eager", "method": method})
+    with inputs_unchanged(x), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", rc.ApproximationWarning)
+        out = compiled(x)
+        loss_fn(out).backward()
+    assert all(issubclass(w.category, rc.ApproximationWarning) and "max_pool" in str(w.message) for w in caught)
+    out = tuple(o.detach() for o in out) if isinstance(out, tuple) else out.detach()
+    return out, {n: (p.grad if p.grad is not None else torch.zeros_like(p))
+                 for n, p in model.named_parameters() if p.requires_grad}
+
+
 def assert_outputs_close(ours, theirs):
     """A model's output (or tuple of outputs) against the peer's, in the output's dtype."""
     for a, b in zip(ours, theirs) if isinstance(ours, tuple) else [(ours, theirs)]:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import ratebp_compile as rc
-from tests.interop.common import assert_grads_close, assert_outputs_close, train_step
+from tests.interop.common import assert_grads_close, assert_outputs_close, compiled_step, train_step
 
 pytest.importorskip("snntorch")
 
@@ -28,6 +28,18 @@ def test_step_equals_the_reference(name, method):
     model, x, loss = spec.build(), spec.make_input(), spec.make_loss()
     theirs, peer_out = REFERENCES[method](copy.deepcopy(model), x, loss)
     out, ours = train_step(model, x, loss, method)
+    assert_outputs_close(out, peer_out)
+    assert_grads_close(ours, theirs, name)
+
+
+@pytest.mark.parametrize("name,method", CASES, ids=[f"{n}-{m}" for n, m in CASES])
+def test_backend_step_equals_the_reference(name, method):
+    """The same through ``torch.compile(model, backend="ratebp")``: Dynamo records each neuron call as a
+    module call (``dynamo_neurons``)."""
+    spec = MODELS[name]
+    model, x, loss = spec.build(), spec.make_input(), spec.make_loss()
+    theirs, peer_out = REFERENCES[method](copy.deepcopy(model), x, loss)
+    out, ours = compiled_step(model, x, loss, method)
     assert_outputs_close(out, peer_out)
     assert_grads_close(ours, theirs, name)
 

@@ -1,0 +1,163 @@
+"""Other libraries' neurons in the graphs Dynamo builds for the ``ratebp`` backend: one module call each.
+
+Dynamo inlines a module's Python ``forward``. For a neuron of another library (snnTorch's ``Leaky``,
+Norse's ``LIFCell``, ...) that leaves a handful of elementwise ops per step in which the backend cannot
+see a neuron. So while Dynamo traces for the ``ratebp`` backend, a call of a registered neuron
+(``ratebp_compile.nn.register_neuron``; the adapters of ``ratebp_compile.interop``) in a training step
+(module in training mode, autograd on) is recorded as one ``call_module`` node of that module — the
+form ``transform``'s capture gives it — and the backend runs the same passes on it (``fold_time`` folds a
+per-step loop, ``normalize_neurons`` reads the module's spec). What Dynamo does not see (the module's
+settings: thresholds, decays, resets) the backend guards itself, recomputing every neuron's spec before
+each call (``guards.Guards``).
+
+How: Dynamo traces a call of a module that is not part of ``torch.nn`` through
+``UnspecializedNNModuleVariable.call_function``; :func:`install` wraps that method (once) so that it
+registers such a neuron with the output graph and emits the call instead. Every other module, every
+other backend and every other situation (evaluation, no autograd, a module with hooks or an instance
+``forward``) takes Dynamo's own path unchanged. The module's output is computed once, on zeros, to give
+Dynamo its structure, and every attribute that call sets is put back.
+
+This relies on Dynamo internals of torch 2.13 (``torch._dynamo.variables``); ``tests/test_dynamo_neurons.py``
+pins the behaviour.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+__all__ = ["install", "records_as_call", "tracing_for_ratebp"]
+
+_MARK = "_ratebp_neuron_calls"
+
+
+def records_as_call(module: nn.Module) -> bool:
+    """Whether a call of ``module`` becomes one ``call_module`` node when traced for the backend: a neuron
+    registered with ``register_neuron`` (snnTorch's, Norse's, a user's; not ``rc.nn``'s or SpikingJelly's,
+    which reach the graph as custom ops), in training mode, with autograd on."""
+    from .interop import OP_NAMESPACES, library_of, load_for
+    from .nn.neuron import Neuron
+    from .nn.spec import registered_neuron_types
+
+    if isinstance(module, Neuron) or not (module.training and torch.is_grad_enabled()):
+        return False
+    if any(library_of(cls) in OP_NAMESPACES.values() for cls in type(module).__mro__):
+        return False            # SpikingJelly's neurons reach the graph as its own custom ops
+    load_for(module)
+    return isinstance(module, registered_neuron_types())
+
+
+def _not_one_call(module: nn.Module) -> Optional[str]:
+    """Why a call of neuron ``module`` cannot be one module call (its hooks must run, its forward is the
+    instance's own), or None."""
+    from torch._dynamo.utils import nnmodule_has_hooks
+
+    if "forward" in vars(module):
+        return "its forward is replaced on the instance"
+    if nnmodule_has_hooks(module, check_forward_hooks=True, check_backward_hooks=True):
+        return "it has hooks"
+    return None
+
+
+def tracing_for_ratebp(tx) -> bool:
+    """Whether the trace ``tx`` is for the ``ratebp`` backend (unwrapping Dynamo's and torch.compile's
+    wrappers of the backend function)."""
+    from torch._dynamo.eval_frame import innermost_backend
+
+    from .backend import ratebp_backend
+
+    fn = innermost_backend(tx.output.compiler_fn)
+    fn = getattr(fn, "compiler_fn", fn)              # torch.compile's wrapper of a backend with options
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    return fn is ratebp_backend
+
+
+def _call(variable, tx, args, kwargs):
+    """The ``call_module`` node of neuron ``variable.value`` applied to ``args``/``kwargs``."""
+    from torch._dynamo.guards import GuardBuilder, install_guard
+    from torch._dynamo.source import AttrSource
+    from torch._dynamo.utils import get_unique_name_wrt, proxy_args_kwargs
+    from torch._dynamo.variables.builder import wrap_fx_proxy
+    from torch._dynamo.variables.nn_module import record_nn_module_stack
+
+    from .errors import dynamo_module_path
+
+    module, source, graph = variable.value, variable.source, tx.output
+    # the graph holds this very module; the decision read its training flag (a trace in eval mode must not
+    # reuse this graph; grad mode is one of Dynamo's global guards)
+    install_guard(source.make_guard(GuardBuilder.ID_MATCH))
+    install_guard(AttrSource(source, "training").make_guard(GuardBuilder.CONSTANT_MATCH))
+    key = next((k for k, m in graph.nn_modules.items() if m is module), None)
+    if key is None:
+        path = dynamo_module_path(source.name).replace(".", "_")        # its path in the model
+        key = get_unique_name_wrt(path if path.isidentifier() else f"neuron_{path}", graph.nn_modules,
+                                  graph.global_scope)
+        graph.nn_modules[key] = module
+    with record_nn_module_stack(key, variable.get_nn_module_stack_source(), tx, module):
+        proxy = graph.create_proxy("call_module", key, *proxy_args_kwargs(args, kwargs))
+        proxy.node.meta["ratebp.module_path"] = dynamo_module_path(source.name)
+        return wrap_fx_proxy(tx, proxy, example_value=_example_output(module, proxy.node, graph.fake_mode))
+
+
+def _refuse(variable, tx, why: str) -> None:
+    from .errors import RateBPError, dynamo_module_path
+    from .interop import PORTING
+
+    module = variable.value
+    raise RateBPError(f"ratebp backend: module '{dynamo_module_path(variable.source.name)}' "
+                      f"({type(module).__module__}.{type(module).__qualname__}) at {tx.f_code.co_filename}:"
+                      f"{tx.lineno} cannot be traced as one neuron: {why}. Remove them while training under "
+                      f"torch.compile (rc.transform runs a multi-step neuron's hooks as nodes); see {PORTING}.")
+
+
+def _example_output(module: nn.Module, node, fake_mode):
+    """The fake output of the call ``node`` of ``module``, for Dynamo: the module's own forward run once on
+    zeros shaped like the call's inputs (not on fake tensors: a library may branch on a tensor, as snnTorch's
+    ``reset_delay=False`` reset does), every attribute it sets put back; each output shaped like an input is
+    a fake tensor like that input (symbolic sizes included)."""
+    from torch.fx.node import map_arg
+    from torch.utils import _pytree as pytree
+
+    from .capture import restored_attributes
+
+    def hint(size):
+        return int(size.node.hint) if isinstance(size, torch.SymInt) else int(size)
+
+    fakes = [v for v in pytree.tree_leaves(map_arg((node.args, node.kwargs), lambda n: n.meta.get("example_value")))
+             if isinstance(v, torch.Tensor)]
+    real_args, real_kwargs = pytree.tree_map_only(
+        torch.Tensor, lambda f: torch.zeros([hint(s) for s in f.shape], dtype=f.dtype, device=f.device),
+        map_arg((node.args, node.kwargs), lambda n: n.meta.get("example_value")))
+    with restored_attributes(module), torch.no_grad():
+        out = torch.compiler.disable(module)(*real_args, **real_kwargs)      # run, not traced
+
+    def fake(t: torch.Tensor):
+        like = next((f for f in fakes if [hint(s) for s in f.shape] == list(t.shape) and f.device == t.device), None)
+        with fake_mode:
+            return torch.empty_like(like, dtype=t.dtype) if like is not None else fake_mode.from_tensor(t)
+
+    return pytree.tree_map_only(torch.Tensor, fake, out)
+
+
+def install() -> None:
+    """Make Dynamo record registered neurons as module calls when it traces for the backend (idempotent)."""
+    from torch._dynamo.variables.nn_module import UnspecializedNNModuleVariable
+
+    original = UnspecializedNNModuleVariable.call_function
+    if getattr(original, _MARK, False):
+        return
+
+    @functools.wraps(original)
+    def call_function(self, tx, args, kwargs) -> Any:
+        if self.source is not None and records_as_call(self.value) and tracing_for_ratebp(tx):
+            why = _not_one_call(self.value)
+            if why is not None:
+                _refuse(self, tx, why)
+            return _call(self, tx, args, kwargs)
+        return original(self, tx, args, kwargs)
+
+    setattr(call_function, _MARK, True)
+    UnspecializedNNModuleVariable.call_function = call_function
