@@ -1,4 +1,4 @@
-"""Norse models, unmodified, through ``rc.transform``: outputs equal Norse's own forward, ``method="bptt"``
+"""Norse models, unmodified, through ``rc.transform`` and ``torch.compile(backend="ratebp")``: outputs equal Norse's own forward, ``method="bptt"``
 gradients equal its own BPTT, rate-based gradients equal an independent eager rate-based computation built
 on Norse's own autograd (``norse_harness``); what cannot be compiled is refused naming module and line."""
 import copy
@@ -30,29 +30,18 @@ BACKEND_REFUSED = dict(REFUSED, li_readout=r"module 'out' \(LICell\) at .*norse_
                        seqstate_bare=r"module '1' \(LIF\).*is used other than for its spikes")
 
 
+@pytest.mark.parametrize("step", [train_step, compiled_step], ids=["transform", "backend"])
 @pytest.mark.parametrize("name", RUNNABLE)
 @pytest.mark.parametrize("method", ["bptt", "ratebp"])
-def test_step_equals_norses_own(name, method):
+def test_step_equals_norses_own(name, method, step):
+    """Through ``rc.transform`` and ``torch.compile(backend="ratebp")`` (each neuron call a module call)."""
     e = MODELS[name]
     model, x = e.build(0), e.make_input(e.T, 0)
     reference = H.peer_bptt_grads if method == "bptt" else H.peer_rate_grads
     theirs, peer_out = reference(copy.deepcopy(model), x, e.loss)
-    out, ours = train_step(model, x, e.loss, method)
+    out, ours = step(model, x, e.loss, method)
     torch.testing.assert_close(out, H.primary_output(peer_out), rtol=RTOL, atol=ATOL)
     assert out.sum() > 0
-    assert_grads_close(ours, theirs, name)
-
-
-@pytest.mark.parametrize("name", RUNNABLE)
-@pytest.mark.parametrize("method", ["bptt", "ratebp"])
-def test_backend_step_equals_norses_own(name, method):
-    """The same through ``torch.compile(model, backend="ratebp")`` (each neuron call a module call)."""
-    e = MODELS[name]
-    model, x = e.build(0), e.make_input(e.T, 0)
-    reference = H.peer_bptt_grads if method == "bptt" else H.peer_rate_grads
-    theirs, peer_out = reference(copy.deepcopy(model), x, e.loss)
-    out, ours = compiled_step(model, x, e.loss, method)
-    torch.testing.assert_close(out, H.primary_output(peer_out), rtol=RTOL, atol=ATOL)
     assert_grads_close(ours, theirs, name)
 
 

@@ -1,4 +1,4 @@
-"""snnTorch models, unmodified, through ``rc.transform``: outputs equal snnTorch's own forward,
+"""snnTorch models, unmodified, through ``rc.transform`` and ``torch.compile(backend="ratebp")``: outputs equal snnTorch's own forward,
 ``method="bptt"`` gradients equal its own BPTT, rate-based gradients equal an independent eager
 rate-based computation built on snnTorch's own autograd (``snntorch_harness``)."""
 import copy
@@ -21,25 +21,19 @@ REFERENCES = {"bptt": H.peer_bptt_grads, "ratebp": H.peer_rate_grads}
 CASES = [(n, "bptt") for n in MODELS] + [(n, "ratebp") for n in MODELS if n not in MEMBRANE_LOSS]
 
 
+# both entry points: rc.transform, and torch.compile(backend="ratebp") where Dynamo records each neuron call as
+# a module call (dynamo_neurons)
+ENTRY_POINTS = pytest.mark.parametrize("step", [train_step, compiled_step], ids=["transform", "backend"])
+
+
+@ENTRY_POINTS
 @pytest.mark.parametrize("name,method", CASES, ids=[f"{n}-{m}" for n, m in CASES])
-def test_step_equals_the_reference(name, method):
+def test_step_equals_the_reference(name, method, step):
     """BPTT equals snnTorch's own; rate-based equals an independent eager rate-based computation."""
     spec = MODELS[name]
     model, x, loss = spec.build(), spec.make_input(), spec.make_loss()
     theirs, peer_out = REFERENCES[method](copy.deepcopy(model), x, loss)
-    out, ours = train_step(model, x, loss, method)
-    assert_outputs_close(out, peer_out)
-    assert_grads_close(ours, theirs, name)
-
-
-@pytest.mark.parametrize("name,method", CASES, ids=[f"{n}-{m}" for n, m in CASES])
-def test_backend_step_equals_the_reference(name, method):
-    """The same through ``torch.compile(model, backend="ratebp")``: Dynamo records each neuron call as a
-    module call (``dynamo_neurons``)."""
-    spec = MODELS[name]
-    model, x, loss = spec.build(), spec.make_input(), spec.make_loss()
-    theirs, peer_out = REFERENCES[method](copy.deepcopy(model), x, loss)
-    out, ours = compiled_step(model, x, loss, method)
+    out, ours = step(model, x, loss, method)
     assert_outputs_close(out, peer_out)
     assert_grads_close(ours, theirs, name)
 
