@@ -1,6 +1,7 @@
-"""Norse models, unmodified, through ``rc.transform`` and ``torch.compile(backend="ratebp")``: outputs equal Norse's own forward, ``method="bptt"``
-gradients equal its own BPTT, rate-based gradients equal an independent eager rate-based computation built
-on Norse's own autograd (``norse_harness``); what cannot be compiled is refused naming module and line."""
+"""Norse models, unmodified, through ``rc.transform`` and ``torch.compile(backend="ratebp")``: outputs
+equal Norse's own forward, ``method="bptt"`` gradients equal its own BPTT, rate-based gradients equal an
+independent eager rate-based computation built on Norse's own autograd (``norse_harness``); what cannot
+be compiled is refused naming module and line."""
 import copy
 
 import pytest

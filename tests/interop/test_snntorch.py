@@ -1,6 +1,6 @@
-"""snnTorch models, unmodified, through ``rc.transform`` and ``torch.compile(backend="ratebp")``: outputs equal snnTorch's own forward,
-``method="bptt"`` gradients equal its own BPTT, rate-based gradients equal an independent eager
-rate-based computation built on snnTorch's own autograd (``snntorch_harness``)."""
+"""snnTorch models, unmodified, through ``rc.transform`` and ``torch.compile(backend="ratebp")``: outputs
+equal snnTorch's own forward, ``method="bptt"`` gradients equal its own BPTT, rate-based gradients equal
+an independent eager rate-based computation built on snnTorch's own autograd (``snntorch_harness``)."""
 import copy
 
 import pytest
