@@ -1,7 +1,8 @@
 """Training-step time of other libraries' networks through ``rc.transform``: rate-based vs BPTT, and the
-library's own BPTT, in one process (medians).
+library's own BPTT, in one process (medians); and the rate-based step through
+``torch.compile(model, backend="ratebp")`` (``--compiler none`` leaves it out).
 
-    python benchmarks/bench_peers.py [--T 16] [--batch-size 32] [--reps 7] [--threads 2]
+    python benchmarks/bench_peers.py [--T 16] [--batch-size 32] [--reps 7] [--threads 2] [--compiler inductor]
 
 The same two-layer MLP (256 → 512 → 10) in each library, as its tutorials write it: snnTorch ``Leaky``
 with the membrane passed through the loop, Norse ``LIFCell`` called step by step, SpikingJelly
@@ -74,16 +75,20 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--compiler", choices=["inductor", "aot_eager", "eager", "none"], default="inductor",
+                        help="the backend's compiler for the torch.compile column (none: no such column)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     x = torch.rand(args.T, args.batch_size, 256) * 2
-    print("| network | rate-based ms | our BPTT ms | its own BPTT ms | rate-based / its BPTT |")
-    print("|---|---|---|---|---|")
+    compiled = args.compiler != "none"
+    print("| network | rate-based ms | our BPTT ms | its own BPTT ms | rate-based / its BPTT |" +
+          (" rate-based, torch.compile ms | / its BPTT |" if compiled else ""))
+    print("|---|---|---|---|---|" + ("---|---|" if compiled else ""))
     for name, build in LIBRARIES.items():
         try:
             build()
         except ImportError as e:
-            print(f"| {name} | not installed ({e.name}) | | | |")
+            print(f"| {name} | not installed ({e.name}) | | | |" + (" | |" if compiled else ""))
             continue
         row = {}
         for method in ("ratebp", "bptt"):
@@ -98,8 +103,22 @@ def main() -> None:
                 reset(model)
             model(x).sum().backward()
         row["own"] = median_seconds(own, args.reps)
-        print(f"| {name} | {1e3 * row['ratebp']:.1f} | {1e3 * row['bptt']:.1f} | {1e3 * row['own']:.1f} | "
-              f"{row['ratebp'] / row['own']:.2f} |")
+        line = f"| {name} | {1e3 * row['ratebp']:.1f} | {1e3 * row['bptt']:.1f} | {1e3 * row['own']:.1f} | " \
+               f"{row['ratebp'] / row['own']:.2f} |"
+        if compiled:
+            model, reset = build()
+            torch._dynamo.reset()
+            step = torch.compile(model, backend="ratebp", options={"compiler": args.compiler})
+
+            def compiled_step():
+                model.zero_grad()
+                if reset is not None:                     # SpikingJelly's neurons keep the last membrane
+                    reset(model)
+                step(x).sum().backward()
+            compiled_step()                               # compiles
+            seconds = median_seconds(compiled_step, args.reps)
+            line += f" {1e3 * seconds:.1f} | {seconds / row['own']:.2f} |"
+        print(line)
 
 
 if __name__ == "__main__":

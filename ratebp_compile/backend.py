@@ -41,7 +41,7 @@ from .errors import RateBPError, describe_node, user_frame
 from .guards import Guards, neuron_config
 from .interop import PORTING, UnsupportedNeuron
 from .marks import neuron_mode, step_settings
-from .nn.spec import call_form, neuron_op
+from .nn.spec import call_form, neuron_op, starts_from_stored
 from .oprules import arg, is_module_state
 from .options import StepOptions, step_kind
 from .passes.batchnorm_parts import is_batchnorm
@@ -272,15 +272,16 @@ def _specialise_scalars(gm: fx.GraphModule, args: Sequence[Any], scalars: Sequen
 
 
 def _module_guards(gm: fx.GraphModule) -> Optional[Guards]:
-    """Guards on the neuron modules ``gm`` calls (``dynamo_neurons``): their specs, tensors and hooks, and the
-    state of those called without one (it must stay at rest); None when it calls none."""
+    """Guards on the neuron modules ``gm`` calls (``dynamo_neurons``), checked with ``check_neurons``: their
+    specs and hooks, and the state of those called without one (it must stay at rest); None when it calls
+    none. Dynamo guards the modules' identity, and their tensors are read when the step runs."""
     if not _neuron_modules(gm):
         return None
     stored = []
     for node in gm.graph.nodes:
         if node.op == "call_module":
             module = gm.get_submodule(node.target)
-            if neuron_config(module) is not None and len(node.args) - 1 < call_form(module).state_args:
+            if neuron_config(module) is not None and starts_from_stored(module, len(node.args) - 1):
                 stored.append(module)
     return Guards(gm, {}, stored_state=stored)
 
@@ -300,7 +301,7 @@ class RateBPCompiledFunction:
 
     def __call__(self, *args):
         if self.guards is not None:
-            changed = self.guards.check()
+            changed = self.guards.check_neurons()
             if changed is not None:              # Dynamo does not see the settings of a neuron it calls
                 log.debug("ratebp backend: %s; building the programs again", changed)
                 self.programs.clear()

@@ -41,7 +41,8 @@ from .errors import RateBPError, describe_node, user_frame
 from .hooks import ModuleHooks, check_hooks_supported, forward_hooks, hooked_modules, hooks_suspended
 from .interop import PORTING, UnsupportedNeuron, rewrite_for
 from .nn.neuron import Neuron
-from .nn.spec import NeuronSpec, call_form, cell_spec, is_single_step, neuron_spec, registered_neuron_types
+from .nn.spec import (NeuronSpec, call_form, cell_spec, is_single_step, neuron_spec, registered_neuron_types,
+                      starts_from_stored)
 from .statewatch import StateWatch
 
 __all__ = ["capture", "propagate_shapes", "is_foreign_neuron", "restored_attributes"]
@@ -240,7 +241,7 @@ class _ShapedTracer(_SNNTracer):
             module = self.root.get_submodule(node.target)
             spec = self.specs.get(module)
             if spec is not None or is_single_step(module):
-                if len(args) < 1 + call_form(module).state_args:
+                if starts_from_stored(module, len(args) - 1):
                     self.stored_state.add(module)
                 return _neuron_outputs(module, spec, args)
             with _fake_parameters_and_buffers(module, self.fake), _numeric_momentum(module), \

@@ -119,16 +119,22 @@ class Guards:
         for m, t, dtype, device, shape in self.tensors:
             if t.dtype is not dtype or t.shape != shape or t.device != device:
                 return f"a parameter or buffer of '{self.paths[m]}' changed dtype, device or shape"
+        for m, name, value, frozen in self.attributes:
+            current = getattr(m, name, _MISSING)
+            if (current is not value or not isinstance(value, _PLAIN)) and _frozen(current) != frozen:
+                return f"'{self.paths[m]}.{name}', which the forward reads, changed"
+        return self.check_neurons()
+
+    def check_neurons(self) -> Optional[str]:
+        """The neurons' part of :meth:`check`: each neuron's spec, the state of those that start from the one
+        they hold (refused unless at rest), the hooks. What the ratebp backend checks of the neurons Dynamo
+        calls as modules (Dynamo guards the rest of the model itself)."""
         for m, attributes, spec in self.neurons:
             current = vars(m)
             same = attributes is not None and len(current) == len(attributes) and \
                 all(current.get(k) is v for k, v in attributes)
             if not same and self._neuron_now(m) != spec:
                 return f"the neuron '{self.paths[m]}' changed ({spec.describe()} before)"
-        for m, name, value, frozen in self.attributes:
-            current = getattr(m, name, _MISSING)
-            if (current is not value or not isinstance(value, _PLAIN)) and _frozen(current) != frozen:
-                return f"'{self.paths[m]}.{name}', which the forward reads, changed"
         for m in self.stored_state:
             if not call_form(m).stored_at_rest(m):
                 raise RateBPError(f"the neuron '{self.paths[m]}' ({type(m).__qualname__}) holds a state that is not at "

@@ -114,9 +114,11 @@ def test_a_changed_neuron_setting_builds_the_step_again():
         _assert_same_step(_step(net, x, compiled), _step(net, x, rc.transform(net)))
 
 
-def test_a_state_left_by_an_eager_call_is_refused():
-    """``init_hidden`` neurons start from the state they hold: after an eager call it is not at rest, and the
-    compiled step (which starts from rest) refuses instead of training another model."""
+@pytest.mark.parametrize("entry", ["transform", "backend"])
+def test_a_state_left_off_rest_is_refused(entry):
+    """``init_hidden`` neurons start from the state they hold: after an eager call (which replaces it) or a
+    change in place it is not at rest, and the compiled step (which starts from rest) refuses instead of
+    training another model."""
 
     class Hidden(torch.nn.Module):
         def __init__(self):
@@ -129,11 +131,17 @@ def test_a_state_left_by_an_eager_call_is_refused():
     torch.manual_seed(3)
     net, x = Hidden(), torch.rand(5, 2, 6) * 2
     torch._dynamo.reset()
-    compiled = torch.compile(net, backend="ratebp", options={"compiler": "eager"})
+    compiled = rc.transform(net) if entry == "transform" else \
+        torch.compile(net, backend="ratebp", options={"compiler": "eager"})
     _assert_same_step(_step(net, x, compiled), _step(net, x, rc.transform(net)))
     net.lif.reset_mem()
     with torch.no_grad():
         net(x)                                               # leaves lif.mem at its last value
+    with pytest.raises(rc.RateBPError, match=r"'lif' \(Leaky\).*not at rest"):
+        compiled(x)
+    net.lif.mem = torch.zeros(2, 4)
+    _step(net, x, compiled)                                  # at rest again: trains
+    net.lif.mem.fill_(0.5)                                   # the same tensor, changed in place
     with pytest.raises(rc.RateBPError, match=r"'lif' \(Leaky\).*not at rest"):
         compiled(x)
 

@@ -19,7 +19,8 @@ import torch
 from ..families import Family
 
 __all__ = ["NeuronSpec", "CallForm", "NeuronOp", "FinalMembrane", "StateTrace", "register_neuron", "register_neuron_op",
-           "neuron_op", "neuron_spec", "cell_spec", "call_form", "is_single_step", "registered_neuron_types"]
+           "neuron_op", "neuron_spec", "cell_spec", "call_form", "starts_from_stored", "is_single_step",
+           "registered_neuron_types"]
 
 
 @dataclass(frozen=True)
@@ -244,6 +245,14 @@ def cell_spec(module: torch.nn.Module, time_steps: Optional[int] = None) -> Opti
     if isinstance(module, _Cell):
         return module.multistep_spec(time_steps)
     return dataclasses.replace(_REGISTRY[_registered_class(module)](module), time_steps=time_steps)
+
+
+def starts_from_stored(module: torch.nn.Module, state_args_given: int) -> bool:
+    """Whether a call of neuron ``module`` that passes ``state_args_given`` state arguments starts from the
+    state the module holds: it passes fewer than its call form takes, or the form takes none (snnTorch's
+    ``init_hidden=True``; for a neuron that keeps no state the form's ``stored_at_rest`` is always true)."""
+    form = call_form(module)
+    return state_args_given < form.state_args or form.state_args == 0
 
 
 def call_form(module: torch.nn.Module) -> CallForm:
