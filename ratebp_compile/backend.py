@@ -7,9 +7,10 @@
 Dynamo captures the forward (neuron modules appear as their fused custom op, their inputs marked with the
 neuron's training flag, ``marks.neuron_mode``; SpikingJelly's as its own custom ops; snnTorch's, Norse's
 and other registered neurons as one module call each, ``dynamo_neurons``, whose settings the backend
-guards itself); the backend runs the same pipeline as ``transform`` on that graph and returns the program, whose spike graph (no autograd) and rate graph (through AOTAutograd) are
-compiled by the ``compiler`` option: "inductor" (default), "aot_eager" or "eager" (debugging). Gradients
-equal ``transform``'s. Which step a graph gets follows the rule ``transform`` uses (``options.step_kind``):
+guards itself); the backend runs the same pipeline as ``transform`` on that graph and returns the
+program, whose spike graph (no autograd) and rate graph (through AOTAutograd) are compiled by the
+``compiler`` option: "inductor" (default), "aot_eager" or "eager" (debugging). Gradients equal
+``transform``'s. Which step a graph gets follows the rule ``transform`` uses (``options.step_kind``):
 the compiled step in training mode — the neurons' mode — with autograd on, the plain SNN otherwise. The
 whole SNN must reach the backend as one graph: a training graph that a graph break cut (before or after the
 break) or that has no neurons is refused with the break's cause and source line.

@@ -13,9 +13,10 @@ each call (``guards.Guards``).
 How: Dynamo traces a call of a module that is not part of ``torch.nn`` through
 ``UnspecializedNNModuleVariable.call_function``; :func:`install` wraps that method (once) so that it
 registers such a neuron with the output graph and emits the call instead. Every other module, every
-other backend and every other situation (evaluation, no autograd, a module with hooks or an instance
-``forward``) takes Dynamo's own path unchanged. The module's output is computed once, on zeros, to give
-Dynamo its structure, and every attribute that call sets is put back.
+other backend and every other situation (evaluation, no autograd) takes Dynamo's own path unchanged; a
+neuron with hooks, or with a ``forward`` set on the instance, is refused (its call cannot be one node).
+The module's output is computed once, on zeros, to give Dynamo its structure, and every attribute that
+call sets is put back.
 
 This relies on Dynamo internals of torch 2.13 (``torch._dynamo.variables``); ``tests/test_dynamo_neurons.py``
 pins the behaviour.
@@ -109,8 +110,9 @@ def _refuse(variable, tx, why: str) -> None:
     module = variable.value
     raise RateBPError(f"ratebp backend: module '{dynamo_module_path(variable.source.name)}' "
                       f"({type(module).__module__}.{type(module).__qualname__}) at {tx.f_code.co_filename}:"
-                      f"{tx.lineno} cannot be traced as one neuron: {why}. Remove them while training under "
-                      f"torch.compile (rc.transform runs a multi-step neuron's hooks as nodes); see {PORTING}.")
+                      f"{tx.lineno} cannot be traced as one neuron: {why}. Under torch.compile a neuron is called "
+                      f"as its class defines it, without hooks (rc.transform runs a multi-step neuron's hooks as "
+                      f"nodes); see {PORTING}.")
 
 
 def _example_output(module: nn.Module, node, fake_mode):
@@ -152,7 +154,7 @@ def install() -> None:
 
     @functools.wraps(original)
     def call_function(self, tx, args, kwargs) -> Any:
-        if self.source is not None and records_as_call(self.value) and tracing_for_ratebp(tx):
+        if self.source is not None and tracing_for_ratebp(tx) and records_as_call(self.value):
             why = _not_one_call(self.value)
             if why is not None:
                 _refuse(self, tx, why)

@@ -186,8 +186,9 @@ class LIFDynamics(Family):
         return cls(decay=None if learned else float(args["decay"]), decay_input=bool(args["decay_input"]),
                    v_threshold=float(args["v_threshold"]),
                    v_reset=None if args["v_reset"] is None else float(args["v_reset"]),
-                   detach_reset=bool(args["detach_reset"]), surrogate=SURROGATES[args["surrogate"]](float(args["width"])),
-                   strict=bool(args["strict"]), delayed_reset=bool(args["delayed_reset"]))
+                   detach_reset=bool(args["detach_reset"]),
+                   surrogate=SURROGATES[args["surrogate"]](float(args["width"])), strict=bool(args["strict"]),
+                   delayed_reset=bool(args["delayed_reset"]))
 
     def fused_multistep(self, x_seq, params) -> torch.Tensor:
         spikes, _ = torch.ops.ratebp.lif_bptt_forward(x_seq, *self.op_args(params))

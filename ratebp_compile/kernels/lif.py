@@ -358,7 +358,8 @@ def _static_T(T: int) -> int:
 
 def launch_lif_forward(x: torch.Tensor, decay: float, decay_logit: Optional[torch.Tensor], v_threshold: float,
                        v_reset: Optional[float], decay_input: bool, detach_reset: bool, surrogate: str, width: float,
-                       strict: bool, delayed_reset: bool, *, write_h: bool, write_stats: bool, decay_tangent: bool, spike_dtype: torch.dtype,
+                       strict: bool, delayed_reset: bool, *, write_h: bool, write_stats: bool, decay_tangent: bool,
+                       spike_dtype: torch.dtype,
                        state: Optional[torch.Tensor] = None):
     """Run the forward kernel on ``x`` ``[T, ...]``; returns (spikes, h or None, r, e, e_λ) with r, e, e_λ
     shaped ``x.shape[1:]`` (None where not written). With ``state`` (the float32 loop state, see
@@ -386,7 +387,8 @@ def launch_lif_forward(x: torch.Tensor, decay: float, decay_logit: Optional[torc
             state if stateful else dummy, N, T, float(decay), float(v_threshold), float(v_reset or 0.0), float(width),
             T_STATIC=_static_T(T), DECAY_LOGIT=decay_logit is not None, DECAY_INPUT=decay_input,
             HARD_RESET=v_reset is not None, DETACH_RESET=detach_reset, SURROGATE=SURROGATE_IDS[surrogate],
-            STRICT=strict, DELAYED_RESET=delayed_reset, WRITE_H=write_h, WRITE_STATS=write_stats, DECAY_TANGENT=decay_tangent, STATEFUL=stateful,
+            STRICT=strict, DELAYED_RESET=delayed_reset, WRITE_H=write_h, WRITE_STATS=write_stats,
+            DECAY_TANGENT=decay_tangent, STATEFUL=stateful,
             BLOCK=block, num_warps=NUM_WARPS)
     return spikes, h, r, e, el
 
@@ -431,8 +433,8 @@ def _use_triton(x: torch.Tensor) -> bool:
 @torch.library.custom_op("ratebp::lif_spike_pass", mutates_args=())
 def lif_spike_pass(x: torch.Tensor, decay: float, decay_logit: Optional[torch.Tensor], v_threshold: float,
                    v_reset: Optional[float], decay_input: bool, detach_reset: bool, surrogate: str, width: float,
-                   strict: bool, delayed_reset: bool, decay_tangent: bool, uint8_spikes: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                                                     torch.Tensor]:
+                   strict: bool, delayed_reset: bool, decay_tangent: bool,
+                   uint8_spikes: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Spike pass of a LIF-family neuron: ``x`` ``[T, ...]`` → (spikes ``[T, ...]``, r, e, e_w), with r, e, e_w
     shaped ``x.shape[1:]``. λ is 1 − sigmoid(``decay_logit``) if the logit is given (ParametricLIF), else
     ``decay``; e_w = ∂r/∂w is empty unless ``decay_tangent``. Spikes are ``x``'s dtype or uint8. ``strict``:

@@ -56,7 +56,8 @@ def _setup(ctx, inputs, output):
 
 def _backward(ctx, grad_spike, grad_v_next):
     """δh = g_s·ψ + g_v·∂v_next/∂h; δx = δh (·(1 − λ) with input decay); δv = λ·δh·∂v'/∂v;
-    δw = Σ δh·∂h/∂λ·dλ/dw with ∂h/∂λ = v' (− x with input decay), v' the potential the step charged from.
+    δw = Σ δh·∂h/∂λ·dλ/dw with ∂h/∂λ = v' (− x with input decay), v' the potential the step charged
+    from.
     With a delayed reset the membrane kept is h (∂v_next/∂h = 1) and a hard reset zeroes ∂v'/∂v where it
     acts (1 − r); the reset itself is detached."""
     x, v, decay_logit = ctx.saved_tensors

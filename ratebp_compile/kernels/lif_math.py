@@ -166,7 +166,8 @@ class LIFScan:
 @torch.no_grad()
 def lif_spike_scan(x_seq: torch.Tensor, state: LIFScan, decay: Decay, *, decay_input: bool, v_threshold: float,
                    v_reset: Optional[float], detach_reset: bool, surrogate, width: float, strict: bool = False,
-                   delayed_reset: bool = False, spike_dtype: Optional[torch.dtype] = None) -> Tuple[torch.Tensor, LIFScan]:
+                   delayed_reset: bool = False,
+                   spike_dtype: Optional[torch.dtype] = None) -> Tuple[torch.Tensor, LIFScan]:
     """Run the spike pass over the steps ``x_seq`` ``[n, ...]`` from ``state``: returns the spikes
     ``[n, ...]`` (in ``spike_dtype``, default ``x_seq``'s) and the state after the last step. The decay
     tangent is tracked when ``state.e_lam`` is a tensor."""
@@ -198,7 +199,8 @@ def lif_spike_scan(x_seq: torch.Tensor, state: LIFScan, decay: Decay, *, decay_i
 
 def lif_spike_pass(x_seq: torch.Tensor, decay: Decay, *, decay_input: bool, v_threshold: float,
                    v_reset: Optional[float], detach_reset: bool, surrogate, width: float, strict: bool = False,
-                   delayed_reset: bool = False, decay_tangent: bool = False, spike_dtype: Optional[torch.dtype] = None) -> Tuple[torch.Tensor, ...]:
+                   delayed_reset: bool = False, decay_tangent: bool = False,
+                   spike_dtype: Optional[torch.dtype] = None) -> Tuple[torch.Tensor, ...]:
     """The exact forward over ``x_seq`` ``[T, ...]`` without autograd, in closed form.
 
     Returns ``(spikes [T, ...], r [...], e [...])``, plus ``e_λ = ∂r/∂λ`` when ``decay_tangent``; spikes

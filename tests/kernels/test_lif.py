@@ -25,7 +25,8 @@ RESETS = [None, 0.0, -0.3]
 # (strict, delayed_reset): fire above the threshold only; a spike's reset acting one step later (detached)
 PLAIN = (False, False)
 VARIANTS = [(True, False), (False, True), (True, True)]
-CASES = [c + (PLAIN,) for c in itertools.product(NEURONS, RESETS, [True, False], sorted(K.SURROGATE_IDS), [False, True])]
+CASES = [c + (PLAIN,) for c in itertools.product(NEURONS, RESETS, [True, False], sorted(K.SURROGATE_IDS),
+                                                 [False, True])]
 VARIANT_CASES = list(itertools.product(NEURONS, [None, 0.0], [True], ["atan"], [False, True], VARIANTS))
 
 

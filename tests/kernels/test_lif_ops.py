@@ -53,8 +53,8 @@ def test_opcheck_bptt_forward(learned, v_reset, flags):
                           dict(flags, v_reset=v_reset))
 
 
-@pytest.mark.parametrize("decay_grad,with_x,flags", [(False, True, COMMON), (True, True, COMMON), (False, False, COMMON),
-                                                     (True, True, VARIANT)])
+@pytest.mark.parametrize("decay_grad,with_x,flags", [(False, True, COMMON), (True, True, COMMON),
+                                                     (False, False, COMMON), (True, True, VARIANT)])
 def test_opcheck_bptt_backward(decay_grad, with_x, flags):
     x = _x(3, 2, 5)
     _, h = torch.ops.ratebp.lif_bptt_forward(x, 0.4, None, **dict(flags, v_reset=None))
