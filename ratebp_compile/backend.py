@@ -30,7 +30,7 @@ import logging
 import operator
 import traceback
 import weakref
-from typing import Any, Deque, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Deque, Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
 import torch.fx as fx
@@ -40,7 +40,7 @@ from .capture import propagate_shapes
 from .dynamo_neurons import install as _install_neuron_calls
 from .errors import RateBPError, describe_node, user_frame
 from .guards import Guards, neuron_config
-from .interop import PORTING, UnsupportedNeuron
+from .interop import PORTING, UnsupportedNeuron, rewrite_for
 from .marks import neuron_mode, step_settings
 from .nn.spec import call_form, neuron_op, starts_from_stored
 from .oprules import arg, is_module_state
@@ -48,6 +48,7 @@ from .options import StepOptions, step_kind
 from .passes.batchnorm_parts import is_batchnorm
 from .passes.infra import snapshot
 from .program import Program, compile_program
+from .statewatch import StateWatch
 from .stream import StreamStage
 
 __all__ = ["ratebp_backend", "compiled_for"]
@@ -272,11 +273,55 @@ def _specialise_scalars(gm: fx.GraphModule, args: Sequence[Any], scalars: Sequen
     gm.recompile()
 
 
-def _module_guards(gm: fx.GraphModule) -> Optional[Guards]:
-    """Guards on the neuron modules ``gm`` calls (``dynamo_neurons``), checked with ``check_neurons``: their
-    specs and hooks, and the state of those called without one (it must stay at rest); None when it calls
-    none. Dynamo guards the modules' identity, and their tensors are read when the step runs."""
-    if not _neuron_modules(gm):
+class _Rewritten(nn.Module):
+    """``rewrite(module, x)`` as a module, for ``torch.fx`` to trace."""
+
+    def __init__(self, module: nn.Module, rewrite):
+        super().__init__()
+        self.module, self.rewrite = module, rewrite
+
+    def forward(self, x):
+        return self.rewrite(self.module, x)
+
+
+def _expand_rewrites(gm: fx.GraphModule) -> Dict[nn.Module, Set[str]]:
+    """Replace each call of a layer that has a rewrite (``interop.register_rewrite``: SpikingJelly's Dropout,
+    one mask per sequence) by the traced rewrite, as ``transform``'s capture does; returns the attributes
+    each rewrite read (``statewatch``), which the programs specialise on."""
+    reads: Dict[nn.Module, Set[str]] = {}
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module":
+            continue
+        module = gm.get_submodule(node.target)
+        rewrite = rewrite_for(module)
+        if rewrite is None:
+            continue
+        what = f"{describe_node(node, gm)} ({type(module).__module__}.{type(module).__qualname__})"
+        if len(node.args) != 1 or node.kwargs:
+            raise RateBPError(f"ratebp backend: {what} is called with {len(node.args)} arguments and "
+                              f"{len(node.kwargs)} keywords; its compiled form takes the input alone")
+        watch = StateWatch(module, lambda m: m is module, lambda: what)
+        try:
+            with watch.watching():
+                traced = fx.symbolic_trace(_Rewritten(module, rewrite))
+        except UnsupportedNeuron as e:
+            raise RateBPError(f"ratebp backend: {what} cannot be compiled: {e} See {PORTING}.") from None
+        reads[module] = set(watch.reads.get(module, ()))
+        x = next(n for n in traced.graph.nodes if n.op == "placeholder")
+        with gm.graph.inserting_before(node):
+            out = gm.graph.graph_copy(traced.graph, {x: node.args[0]})
+        node.replace_all_uses_with(out)
+        gm.graph.erase_node(node)
+    gm.recompile()
+    return reads
+
+
+def _module_guards(gm: fx.GraphModule, reads: Dict[nn.Module, Set[str]]) -> Optional[Guards]:
+    """Guards on the modules ``gm`` calls (``dynamo_neurons``), checked with ``check_neurons`` and
+    ``check_attributes``: the neurons' specs and hooks, the state of those called without one (it must stay
+    at rest), and the attributes the rewritten layers' rewrites read (``reads``); None when there are none.
+    Dynamo guards the modules' identity and training flags, and their tensors are read when the step runs."""
+    if not _neuron_modules(gm) and not reads:
         return None
     stored = []
     for node in gm.graph.nodes:
@@ -284,7 +329,7 @@ def _module_guards(gm: fx.GraphModule) -> Optional[Guards]:
             module = gm.get_submodule(node.target)
             if neuron_config(module) is not None and starts_from_stored(module, len(node.args) - 1):
                 stored.append(module)
-    return Guards(gm, {}, stored_state=stored)
+    return Guards(gm, reads, stored_state=stored)
 
 
 class RateBPCompiledFunction:
@@ -298,15 +343,16 @@ class RateBPCompiledFunction:
         self.layouts = layouts
         self.scalars = _scalar_inputs(gm)
         self.programs: "collections.OrderedDict[tuple, Program]" = collections.OrderedDict()
-        self.guards = _module_guards(gm)
+        # what the programs specialised on of the modules Dynamo calls (set by _build)
+        self.guards: Optional[Guards] = None
 
     def __call__(self, *args):
         if self.guards is not None:
-            changed = self.guards.check_neurons()
-            if changed is not None:              # Dynamo does not see the settings of a neuron it calls
+            changed = self.guards.check_neurons() or self.guards.check_attributes()
+            if changed is not None:              # Dynamo does not see the settings of a module it calls
                 log.debug("ratebp backend: %s; building the programs again", changed)
                 self.programs.clear()
-                self.guards = _module_guards(self.gm)
+                self.guards = None
         sig = _signature(args, self.scalars)
         program = self.programs.get(sig)
         if program is None:
@@ -319,6 +365,7 @@ class RateBPCompiledFunction:
 
     def _build(self, args: List[Any], sig: tuple) -> Program:
         gm = snapshot(self.gm)
+        self.guards = _module_guards(gm, _expand_rewrites(gm))
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         _specialise_scalars(gm, args, self.scalars)
         gm.meta["ratebp.model"] = "torch.compile graph"

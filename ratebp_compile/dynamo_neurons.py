@@ -36,18 +36,37 @@ _MARK = "_ratebp_neuron_calls"
 
 def records_as_call(module: nn.Module) -> bool:
     """Whether a call of ``module`` becomes one ``call_module`` node when traced for the backend: a neuron
-    registered with ``register_neuron`` (snnTorch's, Norse's, a user's; not ``rc.nn``'s or SpikingJelly's,
-    which reach the graph as custom ops), in training mode, with autograd on."""
-    from .interop import OP_NAMESPACES, library_of, load_for
+    registered with ``register_neuron`` (snnTorch's, Norse's, a user's; not ``rc.nn``'s, nor SpikingJelly's
+    where its own custom ops describe them: multi-step, or single-step with settings the cell step covers)
+    or a layer with a rewrite (``interop.register_rewrite``: SpikingJelly's Dropout, whose mask is module
+    state), in training mode, with autograd on."""
+    from .interop import OP_NAMESPACES, library_of, load_for, rewrite_for
     from .nn.neuron import Neuron
-    from .nn.spec import registered_neuron_types
+    from .nn.spec import is_single_step, registered_neuron_types
 
     if isinstance(module, Neuron) or not (module.training and torch.is_grad_enabled()):
         return False
-    if any(library_of(cls) in OP_NAMESPACES.values() for cls in type(module).__mro__):
-        return False            # SpikingJelly's neurons reach the graph as its own custom ops
+    if rewrite_for(module) is not None:
+        return True             # a layer with a rewrite (SpikingJelly's Dropout): the backend expands it
     load_for(module)
-    return isinstance(module, registered_neuron_types())
+    if not isinstance(module, registered_neuron_types()):
+        return False
+    if any(library_of(cls) in OP_NAMESPACES.values() for cls in type(module).__mro__):
+        # SpikingJelly's neurons reach the graph as its own custom ops, which the backend reads — but for a
+        # single-step neuron only where the cell step covers its settings
+        return is_single_step(module) and not _cell_step_covers(module)
+    return True
+
+
+def _cell_step_covers(module: nn.Module) -> bool:
+    from .interop import UnsupportedNeuron
+    from .nn.spec import cell_spec
+    from .passes.normalize_neurons import covered_by_cell_step
+
+    try:
+        return covered_by_cell_step(cell_spec(module).dynamics)
+    except UnsupportedNeuron:
+        return False            # a module call, which the backend refuses naming the module
 
 
 def _not_one_call(module: nn.Module) -> Optional[str]:
@@ -118,8 +137,9 @@ def _refuse(variable, tx, why: str) -> None:
 def _example_output(module: nn.Module, node, fake_mode):
     """The fake output of the call ``node`` of ``module``, for Dynamo: the module's own forward run once on
     zeros shaped like the call's inputs (not on fake tensors: a library may branch on a tensor, as snnTorch's
-    ``reset_delay=False`` reset does), every attribute it sets put back; each output shaped like an input is
-    a fake tensor like that input (symbolic sizes included)."""
+    ``reset_delay=False`` reset does), every attribute it sets put back and the random number generators'
+    states too (a Dropout's mask); each output shaped like an input is a fake tensor like that input
+    (symbolic sizes included)."""
     from torch.fx.node import map_arg
     from torch.utils import _pytree as pytree
 
@@ -133,8 +153,9 @@ def _example_output(module: nn.Module, node, fake_mode):
     real_args, real_kwargs = pytree.tree_map_only(
         torch.Tensor, lambda f: torch.zeros([hint(s) for s in f.shape], dtype=f.dtype, device=f.device),
         map_arg((node.args, node.kwargs), lambda n: n.meta.get("example_value")))
-    with restored_attributes(module), torch.no_grad():
-        out = torch.compiler.disable(module)(*real_args, **real_kwargs)      # run, not traced
+    devices = sorted({f.device for f in fakes if f.device.type == "cuda"}, key=str)
+    with restored_attributes(module), torch.no_grad(), torch.random.fork_rng(devices=devices):
+        out = torch.compiler.disable(module)(*real_args, **real_kwargs)      # run, not traced, no RNG drawn
 
     def fake(t: torch.Tensor):
         like = next((f for f in fakes if [hint(s) for s in f.shape] == list(t.shape) and f.device == t.device), None)

@@ -119,11 +119,15 @@ class Guards:
         for m, t, dtype, device, shape in self.tensors:
             if t.dtype is not dtype or t.shape != shape or t.device != device:
                 return f"a parameter or buffer of '{self.paths[m]}' changed dtype, device or shape"
+        return self.check_attributes() or self.check_neurons()
+
+    def check_attributes(self) -> Optional[str]:
+        """The attributes part of :meth:`check`: each attribute the forward read, by value or identity."""
         for m, name, value, frozen in self.attributes:
             current = getattr(m, name, _MISSING)
             if (current is not value or not isinstance(value, _PLAIN)) and _frozen(current) != frozen:
                 return f"'{self.paths[m]}.{name}', which the forward reads, changed"
-        return self.check_neurons()
+        return None
 
     def check_neurons(self) -> Optional[str]:
         """The neurons' part of :meth:`check`: each neuron's spec, the state of those that start from the one

@@ -14,7 +14,7 @@ from ..kernels.lif import op_arguments
 from ..nn.spec import FinalMembrane, NeuronSpec, call_form, neuron_op, neuron_spec
 from .infra import PassResult, at_node, constant_value, copy_meta, postcondition, require
 
-__all__ = ["normalize_neurons"]
+__all__ = ["normalize_neurons", "covered_by_cell_step"]
 
 
 def _check(gm: fx.GraphModule) -> None:
@@ -122,6 +122,12 @@ def _one_step(x) -> Optional[fx.Node]:
     return x.args[0] if dim == 0 else None
 
 
+def covered_by_cell_step(dynamics) -> bool:
+    """Whether ``ratebp::lif_cell_step`` computes a single-step neuron of these dynamics (on floating-point
+    input): the LIF family, resting at 0, with one of the kernels' surrogates."""
+    return isinstance(dynamics, LIFDynamics) and not dynamics.v_rest and dynamics.fusable(torch.empty(0))
+
+
 def _as_cell_step(gm: fx.GraphModule, node: fx.Node, form, args, where: str) -> None:
     """A library's neuron op run on one step, its membrane handed from call to call (SpikingJelly's
     single-step ``LIFNode`` under torch.compile: ``sj_lif::forward(x_t.unsqueeze(0), v, ...)``, ``v`` the
@@ -129,7 +135,7 @@ def _as_cell_step(gm: fx.GraphModule, node: fx.Node, form, args, where: str) -> 
     with its loop (the first call from rest: ``v`` None). Where the family or its settings have no cell
     step (another family, a surrogate the kernels do not know, a resting potential other than 0), refused."""
     dynamics, x_t = form.spec.dynamics, _one_step(args[form.x])
-    if not isinstance(dynamics, LIFDynamics) or dynamics.v_rest or not dynamics.fusable(x_t.meta.get("val")):
+    if not covered_by_cell_step(dynamics) or not dynamics.fusable(x_t.meta.get("val")):
         raise RateBPError(f"normalize_neurons: {where} runs one step per call under torch.compile with a setting "
                           f"the cell step does not cover ({dynamics.describe()}); use step_mode='m', or "
                           f"ratebp_compile.transform. See {PORTING}.")

@@ -353,15 +353,11 @@ class SingleStepLoop(nn.Module):
     the lif_fc_mnist tutorial's training loop does: the firing rate [B, K] out. With
     ``reset_in_forward`` the forward starts with ``functional.reset_net(self)``."""
 
-    def __init__(self, reset_in_forward: bool = False):
+    def __init__(self, reset_in_forward: bool = False, node=None):
         super().__init__()
         self.reset_in_forward = reset_in_forward
-        self.net = nn.Sequential(
-            layer.Linear(N_IN, N_HIDDEN),
-            neuron.LIFNode(tau=2.0, surrogate_function=surrogate.ATan()),
-            layer.Linear(N_HIDDEN, N_OUT),
-            neuron.LIFNode(tau=2.0, surrogate_function=surrogate.ATan()),
-        )
+        node = node or (lambda: neuron.LIFNode(tau=2.0, surrogate_function=surrogate.ATan()))
+        self.net = nn.Sequential(layer.Linear(N_IN, N_HIDDEN), node(), layer.Linear(N_HIDDEN, N_OUT), node())
 
     def forward(self, x_seq: torch.Tensor) -> torch.Tensor:
         if self.reset_in_forward:
@@ -457,6 +453,9 @@ def models() -> List[PeerModel]:
                   notes="step_mode 's' neurons, Python loop over T in forward, firing rate out"),
         PeerModel("single_step_loop_reset", _seeded(lambda: SingleStepLoop(reset_in_forward=True)), vec,
                   mse, "rate", N_OUT, step_mode="s", notes="forward begins with functional.reset_net(self)"),
+        PeerModel("single_step_vreset_erf", _seeded(lambda: SingleStepLoop(node=lambda: neuron.LIFNode(
+            tau=2.0, v_reset=-0.2, surrogate_function=surrogate.Erf()))), vec, mse, "rate", N_OUT, step_mode="s",
+                  notes="single-step neurons resting at v_reset -0.2 with a surrogate the kernels lack"),
     ]
     for sg_name, sg in _surrogates().items():
         out.append(PeerModel(
