@@ -40,7 +40,7 @@ def records_as_call(module: nn.Module) -> bool:
     where its own custom ops describe them: multi-step, or single-step with settings the cell step covers)
     or a layer with a rewrite (``interop.register_rewrite``: SpikingJelly's Dropout, whose mask is module
     state), in training mode, with autograd on."""
-    from .interop import OP_NAMESPACES, library_of, load_for, rewrite_for
+    from .interop import load_for, op_traced, rewrite_for
     from .nn.neuron import Neuron
     from .nn.spec import is_single_step, registered_neuron_types
 
@@ -51,7 +51,7 @@ def records_as_call(module: nn.Module) -> bool:
     load_for(module)
     if not isinstance(module, registered_neuron_types()):
         return False
-    if any(library_of(cls) in OP_NAMESPACES.values() for cls in type(module).__mro__):
+    if op_traced(module):
         # SpikingJelly's neurons reach the graph as its own custom ops, which the backend reads — but for a
         # single-step neuron only where the cell step covers its settings
         return is_single_step(module) and not _cell_step_covers(module)

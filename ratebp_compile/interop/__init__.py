@@ -14,8 +14,8 @@ from __future__ import annotations
 import importlib
 from typing import Callable, Dict, Optional, Set
 
-__all__ = ["UnsupportedNeuron", "load_for", "load_for_op", "library_of", "register_rewrite", "rewrite_for", "LIBRARIES",
-           "PORTING"]
+__all__ = ["UnsupportedNeuron", "load_for", "load_for_op", "library_of", "register_rewrite", "rewrite_for",
+           "register_op_traced", "op_traced", "LIBRARIES", "PORTING"]
 
 #: Top-level package → the module here that adapts it.
 LIBRARIES = {"spikingjelly": "spikingjelly", "snntorch": "snntorch", "norse": "norse"}
@@ -25,6 +25,7 @@ PORTING = "docs/porting.md"
 
 _loaded: Set[str] = set()
 _rewrites: Dict[type, Callable] = {}
+_op_traced: Dict[type, Callable] = {}
 
 
 class UnsupportedNeuron(Exception):
@@ -76,3 +77,19 @@ def rewrite_for(module) -> Optional[Callable]:
 
     load_for(module)
     return _rewrites.get(original_class(module))
+
+
+def register_op_traced(cls: type, when: Callable = lambda module: True) -> None:
+    """Declare that torch.compile (Dynamo) records a neuron of ``cls`` for which ``when(module)`` holds as the
+    library's own custom op (``register_neuron_op``: SpikingJelly 2.x's neurons with one of its built-in
+    surrogates), so that the backend reads that op rather than a call of the module."""
+    _op_traced[cls] = when
+
+
+def op_traced(module) -> bool:
+    """Whether Dynamo records ``module`` as its library's custom op (:func:`register_op_traced`)."""
+    from ..statewatch import original_class
+
+    load_for(module)
+    when = _op_traced.get(original_class(module))
+    return when is not None and bool(when(module))

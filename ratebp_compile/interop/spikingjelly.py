@@ -39,7 +39,7 @@ from ..graph_ops import dropout_mask
 from ..nn import surrogate as ours
 from ..nn.multistep import register_state_reset
 from ..nn.spec import NeuronOp, NeuronSpec, register_neuron, register_neuron_op
-from . import UnsupportedNeuron, register_rewrite
+from . import UnsupportedNeuron, register_op_traced, register_rewrite
 
 __all__ = []
 
@@ -157,6 +157,17 @@ def _single_step_dropout(module, x):
                             "module state; not supported yet (use MultiStepDropout)")
 
 
+def _runs_its_op(m) -> bool:
+    """Whether SpikingJelly runs neuron ``m`` (on float32 input) as its custom op, which torch.compile records:
+    for one of its built-in surrogates (``_ops.surrogate._surrogate_spec``); other surrogates run its PyTorch
+    reference, which Dynamo would inline."""
+    try:
+        from spikingjelly._ops.surrogate import _surrogate_spec
+    except ImportError:
+        return True
+    return _surrogate_spec(m.surrogate_function) is not None
+
+
 def _single_step(m) -> bool:
     return getattr(m, "step_mode", "s") == "s"
 
@@ -168,6 +179,8 @@ if _APIS["activation_based"] is not None:
     register_neuron(_neuron.LIFNode, _lif, single_step=_single_step)
     register_neuron(_neuron.IFNode, _if, single_step=_single_step)
     register_neuron(_neuron.ParametricLIFNode, _plif, single_step=_single_step)
+    for _cls in (_neuron.LIFNode, _neuron.IFNode, _neuron.ParametricLIFNode):
+        register_op_traced(_cls, _runs_its_op)     # Dynamo records them as SpikingJelly's custom ops (below)
     register_rewrite(_layer.Dropout, _sequence_dropout(channels=False))
     register_rewrite(_layer.Dropout2d, _sequence_dropout(channels=True))
 if _APIS["clock_driven"] is not None:

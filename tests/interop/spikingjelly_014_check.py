@@ -1,6 +1,7 @@
 """Run in a subprocess with SpikingJelly 0.0.0.0.14 first on the path (``spikingjelly.clock_driven``, the
 API of the rate-based paper's code; it cannot be installed beside 2.x): a multi-step net and a
-single-step loop, unmodified, through ``rc.transform``. Prints one JSON object of comparisons:
+single-step loop, unmodified, through ``rc.transform`` and ``torch.compile(backend="ratebp")`` (``*_compile_*``).
+Prints one JSON object of comparisons:
 
 - ``*_out``: max |ours − SpikingJelly's forward|;
 - ``*_bptt``: max relative error of ``method="bptt"`` gradients against SpikingJelly's own autograd (the
@@ -82,12 +83,24 @@ def main():
         results[f"{name}_out"] = (out - expected).abs().max().item()
         results[f"{name}_bptt"] = rel(grads(net), grads(peer))
         results[f"{name}_fires"] = expected.mean().item()
+        net.zero_grad()                               # the same through torch.compile(backend="ratebp")
+        torch._dynamo.reset()
+        functional.reset_net(net)
+        torch.manual_seed(1)
+        out = torch.compile(net, backend="ratebp", options={"compiler": "eager", "method": "bptt"})(x)
+        out.square().sum().backward()
+        results[f"{name}_compile_out"] = (out - expected).abs().max().item()
+        results[f"{name}_compile_bptt"] = rel(grads(net), grads(peer))
         if name == "multi":
             net.zero_grad()
             rc.transform(net)(x).square().sum().backward()
             twin = ours_equivalent(net)
             rc.transform(twin)(x).square().sum().backward()
             results["multi_rate"] = rel(grads(net), grads(twin))
+            net.zero_grad()
+            torch._dynamo.reset()
+            torch.compile(net, backend="ratebp", options={"compiler": "eager"})(x).square().sum().backward()
+            results["multi_compile_rate"] = rel(grads(net), grads(twin))
     print(json.dumps(results))
 
 

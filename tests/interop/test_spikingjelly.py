@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import ratebp_compile as rc
+from ratebp_compile.dynamo_neurons import records_as_call
 from tests.conftest import inputs_unchanged
 from tests.interop.common import ATOL, RTOL, assert_grads_close, compiled_step, train_step
 from tests.interop.conftest import require_spikingjelly
@@ -111,24 +112,20 @@ def test_dropout_shares_one_mask_over_time_in_both_passes():
 
 
 # -- torch.compile(model, backend="ratebp"): Dynamo records SpikingJelly's neurons as its own custom ops ----
-# (layer.Dropout: a module call in Dynamo's graph, expanded by the backend as transform's capture rewrites it)
-BACKEND = ["mlp_lif", "plif", "lif_vreset_neg", "if_soft_reset_detach", "lif_no_decay_input", "conv_maxpool",
-           "mlp_sg_erf", "zoo_spiking_resnet18", "single_step_loop", "single_step_loop_reset", "seq_to_ann",
-           "conv_if_dropout", "conv_bn_if_dropout", "zoo_spiking_vgg11_bn", "single_step_vreset_erf"]
-# single-step neurons the cell step does not cover are module calls, as transform compiles them: they keep the
-# state they started from instead of handing back the last membrane
-KEEPS_ITS_STATE = {"single_step_vreset_erf"}
-
-
+# (those it runs as its PyTorch reference — a surrogate outside its built-in list —, single-step neurons the cell
+# step does not cover and layer.Dropout are module calls in Dynamo's graph, compiled as transform compiles them)
 @pytest.mark.parametrize("method", ["ratebp", "bptt"])
-@pytest.mark.parametrize("name", BACKEND)
+@pytest.mark.parametrize("name", sorted(MODELS))
 def test_backend_equals_the_references_and_hands_back_the_membrane(name, method):
+    """Every model through the backend: outputs and gradients as the references; each neuron SpikingJelly's
+    op describes holds the exact last membrane afterwards (Dynamo writes it back), one that is a module call
+    the state it started from (as after ``transform``)."""
     spec = MODELS[name]
     model = spec.build(0)
     peer = copy.deepcopy(model)
     x = spec.make_input(spec.T, H.B_DEFAULT, 0)
     if method == "ratebp" and not spec.rate_reference:     # BatchNorm: the same step through transform
-        peer_out, theirs = _step(copy.deepcopy(model), x, spec.loss, "ratebp")
+        peer_out, theirs = _step(copy.deepcopy(model), x, spec.loss, "ratebp", spec.time_major)
     else:
         reference = H.peer_rate_grads if method == "ratebp" else H.peer_bptt_grads
         theirs, peer_out = reference(copy.deepcopy(model), x, spec.loss)
@@ -137,7 +134,9 @@ def test_backend_equals_the_references_and_hands_back_the_membrane(name, method)
         peer(x)                                      # SpikingJelly's own forward leaves each neuron's last v
     torch._dynamo.reset()
     functional.reset_net(model)
-    compiled = torch.compile(model, backend="ratebp", options={"compiler": "eager", "method": method})
+    module_calls = {path for path, m in H.neuron_modules(model) if records_as_call(m)}
+    compiled = torch.compile(model, backend="ratebp", options={
+        "compiler": "eager", "method": method, "input_layout": "TB" if spec.time_major else "static"})
     with inputs_unchanged(x), warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
         warnings.simplefilter("ignore", rc.ApproximationWarning)
         torch.manual_seed(0)                         # Dropout masks: the random numbers the references drew
@@ -146,8 +145,8 @@ def test_backend_equals_the_references_and_hands_back_the_membrane(name, method)
     torch.testing.assert_close(out, peer_out, rtol=RTOL, atol=ATOL)
     assert_grads_close({n: p.grad for n, p in model.named_parameters()}, theirs, name)
     for (path, ours), theirs_v in zip(H.neuron_modules(model), [m.v for _, m in H.neuron_modules(peer)]):
-        if name in KEEPS_ITS_STATE:
-            assert ours.v == ours.v_reset, path
+        if path in module_calls:
+            assert ours.v == (ours.v_reset or 0.0), path
         else:
             torch.testing.assert_close(ours.v, theirs_v, rtol=RTOL, atol=ATOL, msg=path)   # Dynamo wrote it back
 

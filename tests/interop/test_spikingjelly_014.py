@@ -23,6 +23,7 @@ def test_clock_driven_models_train_unmodified():
     r = json.loads(run.stdout.strip().splitlines()[-1])
     nets = ("multi", "single", "dropout")
     assert all(r[f"{n}_fires"] > 0.05 for n in nets), r
-    assert all(r[f"{n}_out"] == 0.0 for n in nets), r                # SpikingJelly's own outputs
-    assert all(r[f"{n}_bptt"] < 1e-4 for n in nets), r               # and its own BPTT gradients
-    assert r["multi_rate"] < 1e-5                                  # rate-based: as the same net in rc.nn
+    for entry in ("", "_compile"):                                  # rc.transform, torch.compile(backend="ratebp")
+        assert all(r[f"{n}{entry}_out"] == 0.0 for n in nets), r        # SpikingJelly's own outputs
+        assert all(r[f"{n}{entry}_bptt"] < 1e-4 for n in nets), r       # and its own BPTT gradients
+        assert r[f"multi{entry}_rate"] < 1e-5, r                        # rate-based: as the same net in rc.nn
