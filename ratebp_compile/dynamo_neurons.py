@@ -82,13 +82,17 @@ def _not_one_call(module: nn.Module) -> Optional[str]:
 
 
 def tracing_for_ratebp(tx) -> bool:
-    """Whether the trace ``tx`` is for the ``ratebp`` backend (unwrapping Dynamo's and torch.compile's
-    wrappers of the backend function)."""
+    """Whether the trace ``tx`` is for the ``ratebp`` backend (unwrapping Dynamo's, torch.compile's and
+    DDPOptimizer's wrappers of the backend function)."""
     from torch._dynamo.eval_frame import innermost_backend
 
     from .backend import ratebp_backend
 
+    from torch._dynamo.backends.distributed import DDPOptimizer
+
     fn = innermost_backend(tx.output.compiler_fn)
+    if isinstance(getattr(fn, "__self__", None), DDPOptimizer):    # a DistributedDataParallel model's
+        fn = fn.__self__.backend_compile_fn
     fn = getattr(fn, "compiler_fn", fn)              # torch.compile's wrapper of a backend with options
     while isinstance(fn, functools.partial):
         fn = fn.func
