@@ -263,13 +263,26 @@ def _scalar_inputs(gm: fx.GraphModule) -> List[int]:
             isinstance(p.meta.get("example_value"), torch.Tensor) and p.meta["example_value"].dim() == 0]
 
 
+#: Functions of Python numbers Dynamo records on a scalar input (a float attribute read as a SymFloat):
+#: computed once the input is specialised to its value.
+_NUMBER_FUNCTIONS = (torch.sym_float, torch.sym_int, torch.sym_max, torch.sym_min, torch.sym_not, operator.add,
+                     operator.sub, operator.mul, operator.truediv, operator.floordiv, operator.neg, operator.pow)
+
+
 def _specialise_scalars(gm: fx.GraphModule, args: Sequence[Any], scalars: Sequence[int]) -> None:
-    """Replace ``.item()`` of the scalar inputs by their values in ``args``."""
+    """Replace ``.item()`` of the scalar inputs by their values in ``args``, and compute the functions of
+    numbers applied to them (``sym_float(decay.item())``: a neuron's decay that differs between two models
+    compiled in one process)."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     for i in scalars:
         for use in list(placeholders[i].users):
             use.replace_all_uses_with(args[i].item())
             gm.graph.erase_node(use)
+    for node in list(gm.graph.nodes):
+        if node.op == "call_function" and node.target in _NUMBER_FUNCTIONS and not node.all_input_nodes and \
+                all(isinstance(a, (int, float, bool)) for a in node.args):
+            node.replace_all_uses_with(node.target(*node.args, **node.kwargs))
+            gm.graph.erase_node(node)
     gm.recompile()
 
 

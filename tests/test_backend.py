@@ -190,22 +190,23 @@ def test_neurons_in_different_modes_are_a_clear_error():
         torch.compile(model, backend="ratebp")(torch.rand(3, 2, 3))
 
 
-def test_models_that_differ_in_a_neuron_float_compile_in_one_process():
-    """Dynamo turns a float that differs between compiles into a graph input; the program is specialised to
-    its value, and built again for another."""
+@pytest.mark.parametrize("attribute", ["v_threshold", "decay"])
+def test_models_that_differ_in_a_neuron_float_compile_in_one_process(attribute):
+    """Dynamo turns a float that differs between compiles into a graph input (the decay through
+    ``sym_float``); the program is specialised to its value, and built again for another."""
     x, y = tiny_input(T=3), torch.tensor([0, 1, 2])
     compiled = None
-    for threshold in (1.0, 0.5, 0.3):
+    for value in (1.0, 0.5, 0.3) if attribute == "v_threshold" else (0.6, 0.3, 0.2):
         model = Tiny()
-        model.sn.v_threshold = threshold
+        setattr(model.sn, attribute, value)
         ref = copy.deepcopy(model)
         _step(rc.transform(ref), x, y)
         compiled = torch.compile(model, backend="ratebp", options={"compiler": "eager"})
         _step(compiled, x, y)
         for (name, p), q in zip(model.named_parameters(), ref.parameters()):
-            torch.testing.assert_close(p.grad, q.grad, msg=f"{threshold} {name}")
+            torch.testing.assert_close(p.grad, q.grad, msg=f"{value} {name}")
     model.zero_grad()
-    model.sn.v_threshold = 0.7                                  # changed on a compiled model, between steps
+    setattr(model.sn, attribute, 0.7)                           # changed on a compiled model, between steps
     ref = copy.deepcopy(model)
     _step(rc.transform(ref), x, y)
     _step(compiled, x, y)
