@@ -28,6 +28,7 @@ from __future__ import annotations
 import collections
 import logging
 import operator
+import sys
 import traceback
 import weakref
 from typing import Any, Deque, Dict, List, Optional, Sequence, Set, Tuple
@@ -221,6 +222,29 @@ def _where(stack) -> str:
     inner = f"{inner.filename}:{inner.lineno} in {inner.name}: {(inner.line or '').strip()}"
     user = user_frame("".join(traceback.format_list(stack)))
     return f" at {user} (inside {inner})" if user and user != inner else f" at {user or inner}"
+
+
+def _part_of_a_ddp_model() -> Optional[str]:
+    """The class of the module whose forward Dynamo is compiling, when that module is only a part of the model a
+    ``DistributedDataParallel`` wraps (else None). DDP's forward runs as plain Python, and so does the forward of
+    a ``torch.nn`` container it wraps (``nn.Sequential``): Dynamo compiles the first frames of other code it
+    reaches — each neuron on its own —, and the layers between them run outside the compiled step."""
+    from torch._dynamo.symbolic_convert import tls
+    from torch.nn.parallel import DistributedDataParallel
+
+    tx = getattr(tls, "current_tx", None)
+    root = tx.f_locals.get("self") if tx is not None else None
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code is DistributedDataParallel.forward.__code__:
+            model = frame.f_locals["self"].module
+            model = getattr(model, "_orig_mod", model)
+            inside = {id(model), id(getattr(model, "_model", None))}        # a transformed module's model
+            if root is not None and id(root) not in inside:
+                return type(root).__qualname__
+            return None
+        frame = frame.f_back
+    return None
 
 
 def _incomplete_graph_error(gm: fx.GraphModule) -> Optional[RateBPError]:
@@ -423,6 +447,13 @@ def ratebp_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: O
     if kind == "plain":
         log.debug("ratebp backend: plain SNN graph")
         return _compile_graph(gm, list(example_inputs), opts.compiler)
+    part = _part_of_a_ddp_model()
+    if part is not None:
+        raise RateBPError(f"ratebp backend: inside DistributedDataParallel Dynamo compiles a {part} on its own, not "
+                          f"the model: DDP's forward and the forward of a torch.nn container it wraps (nn.Sequential) "
+                          f"run as plain Python, so the layers between the compiled parts would run outside the "
+                          f"rate-based step. Compile the model inside DDP — DDP(torch.compile(model, "
+                          f"backend=\"ratebp\")) — or give it a forward of your own (a module class).")
     error = _incomplete_graph_error(gm)
     if error is not None:
         raise error
