@@ -37,6 +37,7 @@ def _free_port() -> int:
 def _worker(fn: Callable, rank: int, world_size: int, port: int, out: str, kwargs: dict) -> None:
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"            # loopback only
     torch.set_num_threads(1)
+    code = 0
     try:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT))
@@ -47,7 +48,10 @@ def _worker(fn: Callable, rank: int, world_size: int, port: int, out: str, kwarg
         torch.save(result, Path(out) / f"{rank}.pt")
     except BaseException:
         (Path(out) / f"{rank}.err").write_text(traceback.format_exc())
-        raise
+        code = 1
+    # everything is written: leave without the interpreter's teardown, where gloo's and Dynamo's threads
+    # can abort the process ("terminate called without an active exception")
+    os._exit(code)
 
 
 def run(fn: Callable, world_size: int = 2, timeout: float = 240, **kwargs: Any) -> List[Any]:
