@@ -70,7 +70,21 @@ class _Leaky(nn.Module):
         return torch.stack(out)
 
 
-MODELS = {"mlp": (_mlp, (6,)), "conv": (_Conv, (2, 6, 6)), "branches": (_Branches, (6,)), "leaky": (_Leaky, (6,))}
+class _Wide(nn.Module):
+    """1.4 MB of parameters: more than DDP's first gradient bucket (1 MB), so DDPOptimizer splits its graph."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.lif1 = nn.Linear(6, 600), rc.nn.LIF(decay=0.6)
+        self.fc2, self.lif2 = nn.Linear(600, 600), rc.nn.LIF(decay=0.5)
+        self.fc3, self.lif3 = nn.Linear(600, 4), rc.nn.LIF(decay=0.5)
+
+    def forward(self, x):
+        return self.lif3(self.fc3(self.lif2(self.fc2(self.lif1(self.fc1(x))) * 0.05)))
+
+
+MODELS = {"mlp": (_mlp, (6,)), "conv": (_Conv, (2, 6, 6)), "branches": (_Branches, (6,)), "leaky": (_Leaky, (6,)),
+          "wide": (_Wide, (6,))}
 
 
 def _build(name):
@@ -104,8 +118,9 @@ def _grads(model):
     return {n: (p.grad.clone() if p.grad is not None else None) for n, p in model.named_parameters()}
 
 
-def _ddp_step(rank, world_size, name, method, entry, micro_batches=1):
+def _ddp_step(rank, world_size, name, method, entry, micro_batches=1, optimize_ddp=True):
     """One (accumulated) step on this rank's half of each micro-batch."""
+    torch._dynamo.config.optimize_ddp = optimize_ddp
     model = _build(name)
     torch._dynamo.reset()
     options = {"compiler": "eager", "method": method}
@@ -176,3 +191,13 @@ def test_torch_compile_of_ddp_of_a_container_is_refused():
     would run outside the rate-based step (with a Tanh between two LIFs, gradients 15% off): refused."""
     with pytest.raises(AssertionError, match=r"inside DistributedDataParallel Dynamo compiles a LIF on its own"):
         run(_ddp_step, WORLD, name="mlp", method="ratebp", entry="compile")
+
+
+def test_ddp_graph_splitting_is_refused_and_one_graph_trains():
+    """A model over DDP's first bucket: DDPOptimizer splits the graph at the buckets, which the rate-based step
+    cannot train piecewise (refused, with Dynamo's hint); with ``torch._dynamo.config.optimize_ddp = False`` the
+    graph stays whole and the step equals one process."""
+    with pytest.raises(AssertionError, match=r"DDPOptimizer intentional graph-break.*optimize_ddp = False"):
+        run(_ddp_step, WORLD, name="wide", method="ratebp", entry="compile")
+    _assert_same(run(_ddp_step, WORLD, name="wide", method="ratebp", entry="compile", optimize_ddp=False),
+                 _single_process("wide", "ratebp"))
