@@ -13,26 +13,13 @@ from tests.conftest import inputs_unchanged
 snn = pytest.importorskip("snntorch")
 
 
-class Net(torch.nn.Module):
-    """snnTorch's tutorial shape: explicit membranes through the loop inside ``forward``."""
-
-    def __init__(self):
-        super().__init__()
-        self.fc1, self.lif1 = torch.nn.Linear(6, 10), snn.Leaky(beta=0.9)
-        self.fc2, self.lif2 = torch.nn.Linear(10, 3), snn.Leaky(beta=0.8, reset_mechanism="zero")
-
-    def forward(self, x):
-        m1, m2, out = self.lif1.init_leaky(), self.lif2.init_leaky(), []
-        for x_t in x:
-            s1, m1 = self.lif1(self.fc1(x_t), m1)
-            s2, m2 = self.lif2(self.fc2(s1), m2)
-            out.append(s2)
-        return torch.stack(out)
-
-
 def _net_and_input(seed=0):
+    """snnTorch's tutorial shape (explicit membranes through the loop inside ``forward``), its second layer
+    resetting to zero."""
+    from tests.interop.snntorch_harness import N_IN, LeakyMLP
+
     torch.manual_seed(seed)
-    return Net(), torch.rand(5, 4, 6) * 1.5
+    return LeakyMLP(beta=0.9, lif2={"beta": 0.8, "reset_mechanism": "zero"}), torch.rand(5, 4, N_IN) * 1.5
 
 
 def _graphs(monkeypatch):
@@ -152,6 +139,6 @@ def test_a_neuron_with_a_hook_is_refused_naming_it():
     net.lif1.register_forward_hook(lambda m, i, o: None)
     torch._dynamo.reset()
     compiled = torch.compile(net, backend="ratebp", options={"compiler": "eager"})
-    with pytest.raises(Exception, match=r"module 'lif1' \(snntorch.*Leaky\) at .*test_dynamo_neurons.py:\d+ cannot "
+    with pytest.raises(Exception, match=r"module 'lif1' \(snntorch.*Leaky\) at .*snntorch_harness.py:\d+ cannot "
                                         r"be traced as one neuron: it has hooks"):
         compiled(x)

@@ -4,11 +4,9 @@ without BatchNorm, the gradients one process computes on the concatenated batch 
 over its half: DDP's average of the two is the mean over the whole batch), for both methods; gradient
 accumulation under ``no_sync()`` and ``find_unused_parameters`` included. Every rank ends with the same
 gradients, and no step changes its input."""
-import copy
 
 import pytest
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -51,23 +49,11 @@ class _Conv(nn.Module):
         return self.lif2(self.fc(h).unflatten(0, (T, -1)))
 
 
-class _Leaky(nn.Module):
+def _leaky():
     """snnTorch's tutorial loop (under torch.compile each Leaky call is a module call in Dynamo's graph)."""
+    from tests.interop.snntorch_harness import LeakyMLP
 
-    def __init__(self):
-        super().__init__()
-        import snntorch as snn
-
-        self.fc1, self.lif1 = nn.Linear(6, 12), snn.Leaky(beta=0.8)
-        self.fc2, self.lif2 = nn.Linear(12, 4), snn.Leaky(beta=0.8)
-
-    def forward(self, x):
-        m1, m2, out = self.lif1.init_leaky(), self.lif2.init_leaky(), []
-        for x_t in x:
-            s1, m1 = self.lif1(self.fc1(x_t), m1)
-            s2, m2 = self.lif2(self.fc2(s1), m2)
-            out.append(s2)
-        return torch.stack(out)
+    return LeakyMLP(beta=0.8)
 
 
 class _Wide(nn.Module):
@@ -83,7 +69,7 @@ class _Wide(nn.Module):
         return self.lif3(self.fc3(self.lif2(self.fc2(self.lif1(self.fc1(x))) * 0.05)))
 
 
-MODELS = {"mlp": (_mlp, (6,)), "conv": (_Conv, (2, 6, 6)), "branches": (_Branches, (6,)), "leaky": (_Leaky, (6,)),
+MODELS = {"mlp": (_mlp, (6,)), "conv": (_Conv, (2, 6, 6)), "branches": (_Branches, (6,)), "leaky": (_leaky, (12,)),
           "wide": (_Wide, (6,))}
 
 
