@@ -26,6 +26,8 @@ same values for graphs the passes build.
 """
 from __future__ import annotations
 
+import functools
+
 import inspect
 import traceback
 from contextlib import contextmanager
@@ -246,7 +248,7 @@ class _ShapedTracer(_SNNTracer):
                 return _neuron_outputs(module, spec, args)
             with _fake_parameters_and_buffers(module, self.fake), _numeric_momentum(module), \
                     self._buffers_as_values():
-                return module.forward(*args, **kwargs)         # the module itself, without its hooks
+                return shape_forward(module)(*args, **kwargs)     # the module itself, without its hooks
 
     @contextmanager
     def _buffers_as_values(self):
@@ -370,6 +372,15 @@ def neuron_specs(model: torch.nn.Module,
     return specs
 
 
+def shape_forward(module: torch.nn.Module):
+    """The forward that gives a leaf module's outputs on fake tensors: its own, but for an ``nn.SyncBatchNorm``
+    that of a local BatchNorm (the same shapes; its own refuses CPU tensors once ``torch.distributed`` is
+    initialised, and the ``sync_batchnorm`` pass replaces its calls anyway)."""
+    if isinstance(module, torch.nn.SyncBatchNorm):
+        return functools.partial(torch.nn.modules.batchnorm._BatchNorm.forward, module)
+    return module.forward
+
+
 class _Propagator(fx.Interpreter):
     def __init__(self, gm, specs: Dict[torch.nn.Module, NeuronSpec]):
         super().__init__(gm)
@@ -386,6 +397,9 @@ class _Propagator(fx.Interpreter):
             elif module is not None and (spec is not None or is_single_step(module)):
                 args, _ = self.fetch_args_kwargs_from_env(n)
                 result = _neuron_outputs(module, spec, args)
+            elif isinstance(module, torch.nn.SyncBatchNorm):
+                args, kwargs = self.fetch_args_kwargs_from_env(n)
+                result = shape_forward(module)(*args, **kwargs)
             else:
                 result = super().run_node(n)
         except RateBPError:

@@ -3,19 +3,26 @@ bridge from the spike pass's outputs into the rate graph, and running-statistics
 
 They are plain functions of tensors and modules so that each appears as one readable node in the
 graphs that ``ratebp_compile.show`` prints.
+
+A BatchNorm synchronised over a process group (``group``: its key, ``ratebp_compile.collectives``) takes
+its statistics over every rank's batch: the spike pass gathers each rank's per-channel moments, the rate
+pass and BPTT differentiate through the global batch moments (their gradients summed over the ranks in
+the backward, as ``nn.SyncBatchNorm`` does), and running statistics are updated from the global moments
+with the global count. Without a group, everything is local.
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .collectives import global_moments, sum_gradient_over_ranks, sum_over_ranks, world_size
 from .nn.functional import rate_neuron
 
 __all__ = ["without_grad", "spike_batch_norm", "spike_batch_norm_per_step", "per_step_batch_norm",
-           "chunk_batch_norm", "chunk_batch_norm_", "rate_batch_norm", "batch_norm_no_update",
+           "chunk_batch_norm", "chunk_batch_norm_", "rate_batch_norm", "batch_norm_no_update", "sync_batch_norm",
            "update_batch_norm_stats", "time_average", "route_gradient", "rate_neuron", "state_output",
            "dropout_mask"]
 
@@ -30,15 +37,29 @@ def _stat_dims(x: torch.Tensor):
     return [d for d in range(x.dim()) if d != 1]
 
 
-def spike_batch_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float):
+def _channel_shape(x: torch.Tensor):
+    return [1, x.shape[1]] + [1] * (x.dim() - 2)
+
+
+def _count(x: torch.Tensor) -> int:
+    """Samples per channel of a BatchNorm input ``[N, C, ...]``."""
+    return x.numel() // x.shape[1]
+
+
+def spike_batch_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float,
+                     group: Optional[str] = None):
     """Training-mode BatchNorm of the spike pass that also returns the batch statistics it used.
 
-    Returns ``(y, mean, var)`` with the biased variance, both per channel (float32 for half inputs).
-    Running statistics are not touched here: the program updates them once the step has succeeded
-    (:func:`update_batch_norm_stats`).
+    Returns ``(y, mean, var)`` with the biased variance, both per channel (float32 for half inputs), over
+    every rank's batch when ``group`` is set. Running statistics are not touched here: the program updates
+    them once the step has succeeded (:func:`update_batch_norm_stats`).
     """
-    y, mean, invstd = torch.native_batch_norm(x, weight, bias, None, None, True, 0.0, eps)
-    return y, mean, invstd.pow(-2) - eps
+    if group is None:
+        y, mean, invstd = torch.native_batch_norm(x, weight, bias, None, None, True, 0.0, eps)
+        return y, mean, invstd.pow(-2) - eps
+    mean, var = torch.batch_norm_update_stats(x, None, None, 0.0)
+    mean, var, _ = global_moments(mean, var, _count(x), group)
+    return F.batch_norm(x, mean, var, weight, bias, False, 0.0, eps), mean, var
 
 
 def per_step_batch_norm(x: torch.Tensor, bn: nn.Module, T: int) -> torch.Tensor:
@@ -49,10 +70,18 @@ def per_step_batch_norm(x: torch.Tensor, bn: nn.Module, T: int) -> torch.Tensor:
 
 
 def spike_batch_norm_per_step(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-                              eps: float, T: int):
-    """:func:`spike_batch_norm` of each of the T steps of ``x`` ``[T·B, ...]``: ``(y, means [T, C], vars [T, C])``."""
-    outs = [spike_batch_norm(x_t, weight, bias, eps) for x_t in x.chunk(T)]
-    return torch.cat([o[0] for o in outs]), torch.stack([o[1] for o in outs]), torch.stack([o[2] for o in outs])
+                              eps: float, T: int, group: Optional[str] = None):
+    """:func:`spike_batch_norm` of each of the T steps of ``x`` ``[T·B, ...]``: ``(y, means [T, C], vars [T, C])``
+    (with a ``group``, the T steps' moments are gathered at once)."""
+    if group is None:
+        outs = [spike_batch_norm(x_t, weight, bias, eps) for x_t in x.chunk(T)]
+        return torch.cat([o[0] for o in outs]), torch.stack([o[1] for o in outs]), torch.stack([o[2] for o in outs])
+    steps = x.chunk(T)
+    local = [torch.batch_norm_update_stats(x_t, None, None, 0.0) for x_t in steps]
+    means, variances, _ = global_moments(torch.stack([m for m, _ in local]), torch.stack([v for _, v in local]),
+                                         _count(steps[0]), group)
+    y = torch.cat([F.batch_norm(x_t, m, v, weight, bias, False, 0.0, eps) for x_t, m, v in zip(steps, means, variances)])
+    return y, means, variances
 
 
 def chunk_batch_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
@@ -76,26 +105,46 @@ def chunk_batch_norm_(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Opt
     return x.mul_(scale.view(shape)).add_(shift.view(shape))
 
 
-def rate_batch_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-                    mean: torch.Tensor, var: torch.Tensor, eps: float) -> torch.Tensor:
-    """BatchNorm of the rate pass: normalises with the spike pass's statistics as values and
-    differentiates through the rate input's own batch statistics.
-
-    y = (x − m)/√(v + ε)·γ + β, where m has the value of the spike-pass mean and the derivative of
-    ``x.mean``, and v has the value of the spike-pass variance and the derivative of ``x.var``.
-    """
-    dims = _stat_dims(x)
-    shape = [1, x.shape[1]] + [1] * (x.dim() - 2)
-    mean_x = x.mean(dims, keepdim=True)
-    var_x = x.var(dims, unbiased=False, keepdim=True)
-    m = mean.view(shape).to(x.dtype) + (mean_x - mean_x.detach())
-    v = var.view(shape).to(x.dtype) + (var_x - var_x.detach())
+def _normalise(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], mean: torch.Tensor,
+               var: torch.Tensor, eps: float, mean_x: torch.Tensor, var_x: torch.Tensor) -> torch.Tensor:
+    """y = (x − m)/√(v + ε)·γ + β, where m has the value of ``mean`` and the derivative of ``mean_x``, and v
+    the value of ``var`` and the derivative of ``var_x``."""
+    shape = _channel_shape(x)
+    m = mean.view(shape).to(x.dtype) + (mean_x - mean_x.detach()).view(shape)
+    v = var.view(shape).to(x.dtype) + (var_x - var_x.detach()).view(shape)
     y = (x - m) / torch.sqrt(v + eps)
     if weight is not None:
         y = y * weight.view(shape)
     if bias is not None:
         y = y + bias.view(shape)
     return y
+
+
+def _global_sums(x: torch.Tensor, group: str, reduce) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per channel: the sum of x, of x² and the count, each passed through ``reduce`` (over the ranks)."""
+    dims = _stat_dims(x)
+    s1 = x.sum(dims)
+    sums = reduce(torch.stack([s1, x.square().sum(dims), torch.full_like(s1, _count(x))]), group)
+    return sums[0], sums[1], sums[2]
+
+
+def rate_batch_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                    mean: torch.Tensor, var: torch.Tensor, eps: float, group: Optional[str] = None) -> torch.Tensor:
+    """BatchNorm of the rate pass: normalises with the spike pass's statistics as values and
+    differentiates through the rate input's own batch statistics (over every rank's batch with ``group``:
+    one all-reduce of the sums forward, one of their gradients backward).
+
+    y = (x − m)/√(v + ε)·γ + β, where m has the value of the spike-pass mean and the derivative of
+    ``x.mean``, and v has the value of the spike-pass variance and the derivative of ``x.var``.
+    """
+    if group is None:
+        dims = _stat_dims(x)
+        mean_x, var_x = x.mean(dims), x.var(dims, unbiased=False)
+    else:
+        s1, s2, n = _global_sums(x, group, sum_over_ranks)
+        mean_x = s1 / n
+        var_x = s2 / n - mean_x.square()
+    return _normalise(x, weight, bias, mean, var, eps, mean_x, var_x)
 
 
 def batch_norm_no_update(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
@@ -105,20 +154,48 @@ def batch_norm_no_update(x: torch.Tensor, weight: Optional[torch.Tensor], bias: 
     return F.batch_norm(x, None, None, weight, bias, True, 0.0, eps)
 
 
+def sync_batch_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], running: Any,
+                    eps: float, momentum: Optional[float], group: str, steps: Optional[int] = None) -> torch.Tensor:
+    """Training-mode BatchNorm with statistics over every rank's batch, with autograd: what a synchronised
+    BatchNorm computes in the model's forward (BPTT). ``running``: the ``nn.BatchNorm*`` whose running
+    statistics it updates, a ``(running_mean, running_var)`` pair with ``momentum``, or None; ``steps``: T
+    for a BatchNorm a single-step model calls once per step (statistics per step).
+
+    Values: the gathered global moments (:func:`spike_batch_norm`); derivatives: through the global batch
+    moments, x's sums being summed over the ranks in the backward only (one all-gather forward, one
+    all-reduce backward).
+    """
+    if steps is not None:
+        return torch.cat([sync_batch_norm(x_t, weight, bias, running, eps, momentum, group) for x_t in x.chunk(steps)])
+    with torch.no_grad():
+        mean, var = torch.batch_norm_update_stats(x, None, None, 0.0)
+        mean, var, total = global_moments(mean, var, _count(x), group)
+    s1, s2, _ = _global_sums(x, group, sum_gradient_over_ranks)
+    mean_x = s1 / total.to(x.dtype)
+    var_x = (s2 - 2 * mean.to(x.dtype) * s1) / total.to(x.dtype)    # the value is unused: d/dx = 2(x − mean)/N
+    y = _normalise(x, weight, bias, mean, var, eps, mean_x, var_x)
+    update_batch_norm_stats(running, mean, var, _count(x), momentum, group)
+    return y
+
+
 @torch.no_grad()
 def update_batch_norm_stats(bn: Any, mean: torch.Tensor, var: torch.Tensor, count: int,
-                            momentum: Optional[float] = None) -> None:
+                            momentum: Optional[float] = None, group: Optional[str] = None) -> None:
     """Update a BatchNorm's running statistics from one step's batch statistics, as
     ``nn.BatchNorm*`` does in training (unbiased variance, momentum or cumulative average).
 
     ``bn`` is an ``nn.BatchNorm*`` module, or a ``(running_mean, running_var)`` pair for the
-    functional form with its ``momentum``. Statistics ``[T, C]`` of a per-step BatchNorm update once per
-    step, in order.
+    functional form with its ``momentum`` (None: nothing to update). Statistics ``[T, C]`` of a per-step
+    BatchNorm update once per step, in order. ``count`` is this rank's samples per statistic; with a
+    ``group`` the statistics are global and so is the count (every rank's batch has the same size).
     """
+    if bn is None:
+        return
     if mean.dim() == 2:
         for mean_t, var_t in zip(mean, var):
-            update_batch_norm_stats(bn, mean_t, var_t, count, momentum)
+            update_batch_norm_stats(bn, mean_t, var_t, count, momentum, group)
         return
+    count *= world_size(group)
     if isinstance(bn, nn.modules.batchnorm._BatchNorm):
         if not bn.track_running_stats or bn.running_mean is None:
             return

@@ -10,6 +10,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, List, Mapping, Optional, Sequence, Tuple, Union
 
+from .collectives import group_key
 from .errors import RateBPError
 
 __all__ = ["StepOptions", "step_kind", "METHODS", "GRAD_SCALES", "COMPILERS", "LAYOUTS", "DEFAULT_TIME_CHUNK",
@@ -50,6 +51,9 @@ class StepOptions:
     cache_size:   compiled programs kept per model; the least recently used is dropped beyond it.
     compiler:     the ``torch.compile`` backend only: what compiles the spike and rate graphs
                   ("inductor", "aot_eager" or "eager").
+    sync_batchnorm: BatchNorms synchronised over a process group besides ``nn.SyncBatchNorm`` (which always
+                  is, over its own): None, True (every training-mode BatchNorm, over the default group) or
+                  a ``torch.distributed`` ProcessGroup. Kept as the group's key (``collectives.group_key``).
     """
 
     method: str = "ratebp"
@@ -58,6 +62,7 @@ class StepOptions:
     time_chunk: Optional[int] = DEFAULT_TIME_CHUNK
     cache_size: int = DEFAULT_CACHE_SIZE
     compiler: str = "inductor"
+    sync_batchnorm: Any = None
 
     def __post_init__(self):
         _choice("method", self.method, METHODS)
@@ -72,6 +77,7 @@ class StepOptions:
             _choice("input_layout", layout, LAYOUTS)
         if isinstance(self.input_layout, list):
             object.__setattr__(self, "input_layout", tuple(self.input_layout))
+        object.__setattr__(self, "sync_batchnorm", group_key(self.sync_batchnorm))
 
     @classmethod
     def parse(cls, options: Optional[Mapping[str, Any]], where: str) -> "StepOptions":

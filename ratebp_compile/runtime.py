@@ -223,14 +223,15 @@ class RateBPModule(nn.Module):
         kind = step_kind(self.options.method, self._model.training, torch.is_grad_enabled())
         layouts = self.options.layouts(len(args))
         opts = self.options
-        marked = [step_settings(a, lay, kind, opts.grad_scale, opts.time_chunk, opts.cache_size)
+        marked = [step_settings(a, lay, kind, opts.grad_scale, opts.time_chunk, opts.cache_size, opts.sync_batchnorm)
                   if isinstance(a, torch.Tensor) else a for a, lay in zip(args, layouts)]
         return self._model(*marked)
 
 
 def transform(model: nn.Module, *, method: str = "ratebp", example_inputs: Optional[Sequence[Any]] = None,
               input_layout: Union[str, Sequence[str]] = "TB", grad_scale: str = "bptt",
-              time_chunk: Optional[int] = DEFAULT_TIME_CHUNK, cache_size: int = DEFAULT_CACHE_SIZE) -> RateBPModule:
+              time_chunk: Optional[int] = DEFAULT_TIME_CHUNK, cache_size: int = DEFAULT_CACHE_SIZE,
+              sync_batchnorm: Any = None) -> RateBPModule:
     """Return ``model`` with its training step rewritten into rate-based backpropagation.
 
     Args:
@@ -245,12 +246,17 @@ def transform(model: nn.Module, *, method: str = "ratebp", example_inputs: Optio
             memory stays flat in T (convolutions before a BatchNorm then run twice in the spike pass);
             None: always all T steps at once.
         cache_size: compiled programs kept (one per input signature, autocast state and module modes).
+        sync_batchnorm: for data-parallel training (``torch.distributed``): ``True`` to take every training-mode
+            BatchNorm's statistics over the default process group's batches, or a ``ProcessGroup``; both
+            passes and BPTT then normalise over every rank's batch, as ``nn.SyncBatchNorm`` does, and update
+            running statistics once from the global moments. ``nn.SyncBatchNorm`` modules synchronise over
+            their own group in any case. Without an initialised process group a BatchNorm stays local.
 
     Returns a :class:`RateBPModule` sharing the model's parameters, buffers and ``state_dict`` keys.
     Raises :class:`RateBPError` for models or inputs it cannot compile; the model is left unchanged.
     """
     options = StepOptions(method=method, input_layout=input_layout, grad_scale=grad_scale, time_chunk=time_chunk,
-                          cache_size=cache_size)
+                          cache_size=cache_size, sync_batchnorm=sync_batchnorm)
     if isinstance(model, RateBPModule):
         raise RateBPError("this model is already transformed; pass the original model (RateBPModule.model)")
     if not isinstance(model, nn.Module):

@@ -7,7 +7,7 @@ the input of a reduction over time). The stage's *cone* — the per-step ops bet
 the sink — runs as a small graph on each chunk. A BatchNorm with statistics over time and batch in
 the cone needs all T steps before it can normalise any: the stage first runs the cone up to that
 BatchNorm's input over every chunk, last to first, accumulating per-channel mean and variance (Chan's
-parallel update, float64), then normalises with them in the chunks of the next pass, which starts
+parallel update, float64; then combined with the other ranks' for a synchronised BatchNorm), then normalises with them in the chunks of the next pass, which starts
 from the first chunk's BatchNorm input left over from the first pass. Only one chunk's activations
 are alive at a time.
 """
@@ -20,6 +20,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from .collectives import global_moments
 from .nn.spec import NeuronSpec
 from .time_layout import TimeLayout
 
@@ -67,9 +68,13 @@ class ChannelMoments:
         self.m2 = self.m2 + m2 + delta.square() * (self.count * n / total)
         self.count = total
 
-    def result(self) -> Tuple[torch.Tensor, torch.Tensor]:
-        """``(mean, var)`` in the dtype the unstreamed BatchNorm reports (float32, or float64)."""
-        return self.mean.to(self.dtype), (self.m2 / self.count).to(self.dtype)
+    def result(self, group: Optional[str] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(mean, var)`` in the dtype the unstreamed BatchNorm reports (float32, or float64); over every
+        rank's batch with a ``group``."""
+        mean, var = self.mean, self.m2 / self.count
+        if group is not None:
+            mean, var, _ = global_moments(mean, var, self.count, group)
+        return mean.to(self.dtype), var.to(self.dtype)
 
 
 @dataclass(frozen=True)
@@ -102,7 +107,8 @@ class StreamStage(nn.Module):
                  neuron: Optional[NeuronSpec], value_shape: Tuple[int, ...], value_layout: TimeLayout,
                  value_dtype: torch.dtype, batchnorms: Sequence[str], per_step: Sequence[bool],
                  value_graphs: Dict[str, fx.GraphModule], stats_graphs: Dict[str, fx.GraphModule],
-                 first_graphs: Dict[str, fx.GraphModule], description: str = ""):
+                 first_graphs: Dict[str, fx.GraphModule], description: str = "",
+                 groups: Optional[Sequence[Optional[str]]] = None):
         super().__init__()
         self.T = T
         self.bounds = list(bounds)
@@ -117,6 +123,7 @@ class StreamStage(nn.Module):
         self.stats_graphs = nn.ModuleDict(stats_graphs)
         self.first_graphs = nn.ModuleDict(first_graphs)
         self.description = description
+        self.groups = list(groups) if groups is not None else [None] * len(self.batchnorms)
 
     def _chunk_args(self, args: Sequence, start: int, length: int) -> List:
         return [a if spec.layout is None else time_slice(a, spec.layout, self.T, start, length)
@@ -127,7 +134,7 @@ class StreamStage(nn.Module):
         chunks last to first; and each one's input on the first chunk, kept for pass 2."""
         known: List[torch.Tensor] = []
         kept: List[torch.Tensor] = []
-        for j, per_step in enumerate(self.per_step):
+        for j, (per_step, group) in enumerate(zip(self.per_step, self.groups)):
             if per_step:
                 continue
             moments = ChannelMoments()
@@ -136,7 +143,7 @@ class StreamStage(nn.Module):
                 moments.add(x)
             kept.append(x)
             del x
-            known.extend(moments.result())
+            known.extend(moments.result(group))
         return known, kept
 
     def forward(self, *args):

@@ -146,9 +146,10 @@ def _build_function_table() -> Tuple[Dict[Any, OpInfo], Dict[str, OpInfo]]:
     functions[torch.einsum] = OpInfo("einsum", "einsum", False)
     # BatchNorm only in the forms batchnorm_parts reads (torch.batch_norm orders its arguments differently)
     functions[F.batch_norm] = OpInfo("batchnorm", "batch_norm", True)
-    from ..graph_ops import per_step_batch_norm
+    from ..graph_ops import per_step_batch_norm, sync_batch_norm
     from ..kernels.lif_cell import final_membrane
     functions[per_step_batch_norm] = OpInfo("batchnorm", "per_step_batch_norm", True)
+    functions[sync_batch_norm] = OpInfo("batchnorm", "sync_batch_norm", True)
     functions[final_membrane] = OpInfo("state", "final_membrane", False)
     from ..graph_ops import dropout_mask
     functions[dropout_mask] = OpInfo("shared_mask", "dropout_mask", False)

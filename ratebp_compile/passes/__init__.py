@@ -13,15 +13,17 @@ from .infer_time_layout import infer_time_layout
 from .infra import PassRecord, PassResult, run_pipeline
 from .normalize_neurons import normalize_neurons
 from .stream_time import stream_time
+from .sync_batchnorm import sync_batchnorm
 
 __all__ = ["PIPELINE", "BPTT_PIPELINE", "PassResult", "PassRecord", "run_pipeline", "normalize_neurons",
-           "fold_time", "infer_time_layout", "classify_ops", "build_spike_graph", "build_rate_graph", "fuse_lif",
+           "fold_time", "sync_batchnorm", "infer_time_layout", "classify_ops", "build_spike_graph", "build_rate_graph", "fuse_lif",
            "stream_time"]
 
 # Rate-based training step: captured graph -> program(spike graph, rate graph).
 PIPELINE = [
     normalize_neurons,     # neuron module calls -> one NeuronSpec node each
     fold_time,             # single-step loops (stateful cells, unrolled) -> the multi-step form
+    sync_batchnorm,        # BatchNorms synchronised over a process group -> one sync_batch_norm node each
     infer_time_layout,     # meta["ratebp.time"]: static / time at axis k / merged T·B at axis k; T
     classify_ops,          # meta["ratebp.class"]: neuron / batchnorm / exact / approximate / refused
     build_spike_graph,     # program: exact no-grad forward emitting spikes, r, e, BN statistics
@@ -34,6 +36,7 @@ PIPELINE = [
 BPTT_PIPELINE = [
     normalize_neurons,     # neuron module calls -> one NeuronSpec node each (BPTT forward)
     fold_time,             # single-step loops (stateful cells, unrolled) -> the multi-step form
+    sync_batchnorm,        # BatchNorms synchronised over a process group -> BatchNorm over every rank's batch
     fuse_lif,              # neurons -> fused BPTT kernels (forward + reverse-time backward) where supported
 ]
 

@@ -1,5 +1,6 @@
-"""The pieces of a BatchNorm node: an ``nn.BatchNorm*`` call, ``F.batch_norm``, or a per-step BatchNorm
-(``graph_ops.per_step_batch_norm``, from a folded single-step model).
+"""The pieces of a BatchNorm node: an ``nn.BatchNorm*`` call, ``F.batch_norm``, a per-step BatchNorm
+(``graph_ops.per_step_batch_norm``, from a folded single-step model) or a synchronised BatchNorm
+(``graph_ops.sync_batch_norm``, from the ``sync_batchnorm`` pass).
 
 Both graph builders rewrite BatchNorm nodes; this reads them the same way for both.
 """
@@ -12,7 +13,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..errors import RateBPError, describe_node
-from ..graph_ops import per_step_batch_norm
+from ..graph_ops import per_step_batch_norm, sync_batch_norm
 from ..oprules import arg
 
 __all__ = ["BatchNormParts", "batchnorm_parts", "is_batchnorm", "uses_batch_statistics", "batchnorm_module"]
@@ -30,6 +31,7 @@ class BatchNormParts:
     module: Optional[str]                            # module form: the BatchNorm's path
     running: Optional[Tuple[fx.Node, fx.Node]]       # functional form: running mean and var nodes
     per_step: Optional[int] = None                   # T for a BatchNorm a single-step model calls per step
+    group: Optional[str] = None                      # the process group (key) it synchronises over
 
     def materialize(self, ref: Ref, graph: fx.Graph, env: Callable[[fx.Node], fx.Node]):
         """``ref`` as a node of ``graph``: a get_attr for a path, the mapped node for a source node."""
@@ -43,7 +45,8 @@ class BatchNormParts:
 def is_batchnorm(node: fx.Node, gm: fx.GraphModule) -> bool:
     if node.op == "call_module":
         return isinstance(gm.get_submodule(node.target), nn.modules.batchnorm._BatchNorm)
-    return node.op == "call_function" and node.target in (nn.functional.batch_norm, per_step_batch_norm)
+    return node.op == "call_function" and node.target in (nn.functional.batch_norm, per_step_batch_norm,
+                                                          sync_batch_norm)
 
 
 def batchnorm_module(node: fx.Node, gm: fx.GraphModule) -> Optional[nn.Module]:
@@ -52,12 +55,17 @@ def batchnorm_module(node: fx.Node, gm: fx.GraphModule) -> Optional[nn.Module]:
         return gm.get_submodule(node.target)
     if node.target is per_step_batch_norm:
         return gm.get_submodule(node.args[1].target)
+    if node.target is sync_batch_norm and isinstance(node.args[3], fx.Node) and node.args[3].op == "get_attr":
+        running = gm.get_submodule(node.args[3].target)
+        return running if isinstance(running, nn.Module) else None
     return None
 
 
 def uses_batch_statistics(node: fx.Node, gm: fx.GraphModule) -> bool:
     """Whether a BatchNorm node normalises with the batch's statistics (training mode, or no
     running statistics) rather than with fixed running statistics."""
+    if node.target is sync_batch_norm:
+        return True
     bn = batchnorm_module(node, gm)
     if bn is not None:
         return bn.training or bn.running_mean is None
@@ -67,6 +75,12 @@ def uses_batch_statistics(node: fx.Node, gm: fx.GraphModule) -> bool:
 
 
 def batchnorm_parts(node: fx.Node, gm: fx.GraphModule) -> BatchNormParts:
+    if node.target is sync_batch_norm:
+        x, weight, bias, running, eps, momentum, group, steps = node.args
+        module = running.target if batchnorm_module(node, gm) is not None else None
+        return BatchNormParts(x=x, weight=weight, bias=bias, eps=eps, momentum=momentum, module=module,
+                              running=tuple(running) if isinstance(running, (tuple, list)) else None,
+                              per_step=steps, group=group)
     bn = batchnorm_module(node, gm)
     if bn is not None:
         path = node.target if node.op == "call_module" else node.args[1].target

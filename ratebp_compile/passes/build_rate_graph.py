@@ -107,12 +107,14 @@ class _RateBuilder:
             parts = batchnorm_parts(node, self.source)
             w = parts.materialize(parts.weight, self.g, self.mapped)
             b = parts.materialize(parts.bias, self.g, self.mapped)
-            if cls.kind == BATCHNORM:
+            if cls.kind == BATCHNORM or parts.group is not None:     # synchronised: over every rank's batch
                 mean, var = self.inputs[node, "mean"], self.inputs[node, "var"]
                 if parts.per_step:      # statistics averaged over the steps
                     mean = self.new(node, "call_method", "mean", (mean, 0))
                     var = self.new(node, "call_method", "mean", (var, 0))
-                return self.new(node, "call_function", rate_batch_norm, (self.env[parts.x], w, b, mean, var, parts.eps))
+                group = (parts.group,) if parts.group is not None else ()
+                return self.new(node, "call_function", rate_batch_norm,
+                                (self.env[parts.x], w, b, mean, var, parts.eps, *group))
             return self.new(node, "call_function", batch_norm_no_update, (self.env[parts.x], w, b, parts.eps))
         info = op_info(node, self.source) if node.op != "get_attr" else None
         if retimes(node, info):       # shape-taking ops get the rate pass's shape: time of length 1

@@ -56,7 +56,7 @@ def _build(source: fx.GraphModule):
     env: Dict[fx.Node, fx.Node] = {}
     aux: List[tuple] = []
     taken: Set[str] = set()
-    bn_updates: List[tuple] = []      # (parts, count, mean Statistic, var Statistic)
+    bn_updates: List[tuple] = []      # (parts, count, mean Statistic, var Statistic): count of this rank
     output_leaves, output_spec = None, None
     for node in source.graph.nodes:
         with at_node(PASS, node, source):
@@ -80,10 +80,11 @@ def _build(source: fx.GraphModule):
                 parts = batchnorm_parts(node, source)
                 args = (env[parts.x], parts.materialize(parts.weight, g, env.__getitem__),
                         parts.materialize(parts.bias, g, env.__getitem__), parts.eps)
+                group = (parts.group,) if parts.group is not None else ()
                 if parts.per_step:
-                    call = g.call_function(spike_batch_norm_per_step, args + (parts.per_step,))
+                    call = g.call_function(spike_batch_norm_per_step, args + (parts.per_step,) + group)
                 else:
-                    call = g.call_function(spike_batch_norm, args)
+                    call = g.call_function(spike_batch_norm, args + group)
                 copy_meta(call, node, PASS)
                 env[node] = _getitem(g, call, 0, node, node.meta.get("val"))
                 env[node].meta["ratebp.time"] = node.meta["ratebp.time"]
@@ -204,9 +205,10 @@ def build_spike_graph(gm: fx.GraphModule) -> PassResult:
             target = tuple(refs)
         else:
             continue
-        momentum = () if parts.module is not None else (parts.momentum,)   # a module's own is read at run time
+        momentum = None if parts.module is not None else parts.momentum     # a module's own is read at run time
+        extra = (momentum, parts.group) if parts.group is not None else (momentum,) if momentum is not None else ()
         update = p.call_function(update_batch_norm_stats,
-                                 (target, aux_nodes[mean], aux_nodes[var], count, *momentum))
+                                 (target, aux_nodes[mean], aux_nodes[var], count, *extra))
         update.meta["val"] = None
     it = iter(outs)
     p.output(tree_unflatten([next(it) if isinstance(l, fx.Node) else l for l in leaves], spec))

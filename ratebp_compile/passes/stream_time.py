@@ -50,6 +50,13 @@ def _batchnorm(node: fx.Node) -> Optional[str]:
     return {spike_batch_norm: "batch", spike_batch_norm_per_step: "step"}.get(node.target)
 
 
+def _group(bn: fx.Node) -> Optional[str]:
+    """The process group a spike-pass BatchNorm synchronises over (``graph_ops.spike_batch_norm``'s last
+    argument), or None."""
+    index = 4 if _batchnorm(bn) == "batch" else 5
+    return bn.args[index] if len(bn.args) > index else None
+
+
 def _is_getitem_of(node: fx.Node, pred) -> bool:
     return node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[0], fx.Node) \
         and pred(node.args[0])
@@ -230,13 +237,13 @@ class _StageBuilder:
         for node in self._needed(targets, {bn.args[0] for bn in kept}):
             bn = _batchnorm(node)
             if bn == "batch":
-                x, w, b, eps = node.args
+                x, w, b, eps = node.args[:4]        # a group's statistics are global already (pass 1)
                 new = g.call_function(chunk_batch_norm, (mapped(x), *(mapped(v) if isinstance(v, fx.Node) else v
                                                                       for v in (w, b)), *stats[node], eps))
             elif bn == "step":
-                x, w, b, eps, _ = node.args
+                x, w, b, eps, _, *group = node.args
                 new = g.call_function(spike_batch_norm_per_step, (mapped(x), *(mapped(v) if isinstance(v, fx.Node)
-                                                                                else v for v in (w, b)), eps, n))
+                                                                                else v for v in (w, b)), eps, n, *group))
             elif _is_getitem_of(node, lambda s: _batchnorm(s) == "batch"):
                 env[node] = env[node.args[0]]
                 continue
@@ -302,7 +309,7 @@ class _StageBuilder:
         return StreamStage(
             self.T, self.bounds, self.stage_inputs(), self.neuron, tuple(val.shape), value.meta["ratebp.time"],
             val.dtype, [bn.name for bn in self.batchnorms], [_batchnorm(bn) == "step" for bn in self.batchnorms],
-            value_graphs, stats_graphs, first_graphs, self.describe())
+            value_graphs, stats_graphs, first_graphs, self.describe(), [_group(bn) for bn in self.batchnorms])
 
     def describe(self) -> str:
         passes = len(self.batch_bns) + 1
