@@ -42,7 +42,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     from ..errors import RateBPError
     from .data import CLIError
 
+    argv = list(sys.argv[1:] if argv is None else argv)
     args, unknown = build_parser().parse_known_args(argv)
+    args.argv = argv[1:]                    # the subcommand's arguments (for a launcher that runs it again)
     if unknown:                             # reported by the subcommand, which the options belong to
         args.parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:

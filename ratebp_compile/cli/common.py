@@ -45,15 +45,19 @@ def build_model(name: str, width: int, in_channels: int, num_classes: int, seed:
     return models.ZOO[name](num_classes=num_classes, in_channels=in_channels, width=width)
 
 
-def make_runner(model: nn.Module, method: str, compiled: bool, time_chunk: Optional[int]) -> Callable:
+def make_runner(model: nn.Module, method: str, compiled: bool, time_chunk: Optional[int],
+                sync_batchnorm: bool = False) -> Callable:
     """What a training step calls: the rate-based step (``transform``), or BPTT (the model itself); through
-    ``torch.compile`` with ``compiled`` (the ``ratebp`` backend, and Inductor for BPTT)."""
+    ``torch.compile`` with ``compiled`` (the ``ratebp`` backend, and Inductor for BPTT). With
+    ``sync_batchnorm`` BatchNorms normalise over every process's batch (BPTT then through ``transform``'s
+    BPTT, which synchronises them too)."""
     import ratebp_compile as rc
 
-    if method == "ratebp":
+    sync = {"sync_batchnorm": True} if sync_batchnorm else {}
+    if method == "ratebp" or sync_batchnorm:
         if compiled:
-            return torch.compile(model, backend="ratebp", options={"time_chunk": time_chunk})
-        return rc.transform(model, time_chunk=time_chunk)
+            return torch.compile(model, backend="ratebp", options={"time_chunk": time_chunk, "method": method, **sync})
+        return rc.transform(model, method=method, time_chunk=time_chunk, **sync)
     return torch.compile(model) if compiled else model
 
 

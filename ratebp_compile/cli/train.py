@@ -9,10 +9,18 @@ compares the methods (means over seeds); ``--out`` gets a JSON record of everyth
 a checkpoint after every epoch, replacing the previous one atomically: an interrupt (Ctrl-C) leaves the
 last completed one, and the line reporting the interrupt names it. ``--resume`` continues one from where
 it stopped, after checking that its model and optimizer states fit the model.
+
+On several processes (``--nproc N``, or under ``torchrun``), ``--batch-size`` is each process's: the
+processes split every batch of N × that many samples — the batches one process with the whole batch
+sees, in the same order — and train one model (``DistributedDataParallel``; ``--sync-bn`` normalises
+BatchNorms over the whole batch). Losses and accuracies are summed over the processes; rank 0 prints,
+writes the record and the checkpoints, which hold the whole batch and resume into any number of
+processes (the per-process batch then follows from it unless ``--batch-size`` is given).
 """
 from __future__ import annotations
 
 import argparse
+import io
 import math
 import statistics
 import time
@@ -20,12 +28,15 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
+from torch.nn.parallel import DistributedDataParallel
+
 from .. import models
 from ..options import DEFAULT_TIME_CHUNK, METHODS
 from .checkpoint import CheckpointFile, checkpoint_path, interrupt_note, load_checkpoint, restore
 from .common import (MiB, StepMemory, build_model, command_line, default_path, environment,
                      make_runner, pick_device, synchronize, train_step, write_json)
 from .data import DATASETS, ENCODINGS, CLIError, Dataset, encode, load_dataset
+from .distributed import World, join_world, launch
 from .progress import Progress
 
 #: Options that shape a run, with their defaults. ``None`` on the command line means "not given": a
@@ -75,14 +86,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     run.add_argument("--resume", help="continue the checkpoint's run up to --epochs")
     run.add_argument("--out", help="JSON record of the run (default runs/train-<data>-<model>-<time>.json)")
     run.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    run.add_argument("--nproc", type=int, help="train on this many processes of this machine (torchrun --standalone; "
+                                               "one GPU each on CUDA, gloo on the CPU); --batch-size is per process")
+    run.add_argument("--sync-bn", action="store_true",
+                     help="with several processes, BatchNorm statistics over the whole batch (synchronised)")
     run.add_argument("--threads", type=int, help="CPU threads for torch")
     run.add_argument("--eval-batch-size", type=int, default=256)
 
 
 # ---------------------------------------------------------------------------------------------------
-def _resolve(args: argparse.Namespace, checkpoint: Optional[Dict[str, Any]]) -> Dict[str, Any]:
-    """The run's settings: the command line's, else the checkpoint's (resuming), else the defaults."""
-    saved = checkpoint["config"] if checkpoint else {}
+def _resolve(args: argparse.Namespace, checkpoint: Optional[Dict[str, Any]], world: World = World()) -> Dict[str, Any]:
+    """The run's settings: the command line's, else the checkpoint's (resuming), else the defaults. A resumed
+    run keeps the checkpoint's whole batch, split over this run's processes, unless --batch-size is given."""
+    saved = dict(checkpoint["config"]) if checkpoint else {}
+    if "global_batch" in saved and args.batch_size is None:
+        if saved["global_batch"] % world.size:
+            raise CLIError(f"--resume: the checkpoint's batch of {saved['global_batch']} does not split over "
+                           f"{world.size} processes; give --batch-size")
+        saved["batch_size"] = saved["global_batch"] // world.size
     config = {}
     for key, default in DEFAULTS.items():
         given = getattr(args, key)
@@ -92,7 +113,7 @@ def _resolve(args: argparse.Namespace, checkpoint: Optional[Dict[str, Any]]) -> 
         config[key] = given if given is not None else saved.get(key, default)
     seeds = args.seed if args.seed is not None else [saved.get("seed", 0)]
     config.update(seeds=seeds, epochs=args.epochs, data_dir=args.data_dir, compile=args.compile,
-                  eval_batch_size=args.eval_batch_size)
+                  eval_batch_size=args.eval_batch_size, sync_bn=args.sync_bn, processes=world.size)
     if checkpoint is not None and (config["method"] == "both" or len(seeds) > 1):
         raise CLIError("--resume continues one run: give one --method (ratebp or bptt) and one --seed")
     for key in ("width", "T", "batch_size", "epochs", "eval_batch_size"):
@@ -124,30 +145,43 @@ def _schedule(config, optimizer, steps_per_epoch: int):
 
 
 @torch.no_grad()
-def evaluate(model, data: Dataset, config, device) -> float:
-    """Test accuracy (%) of the plain SNN in eval mode, classes from the time-mean logits."""
+def evaluate(model, data: Dataset, config, device, world: World = World()) -> float:
+    """Test accuracy (%) of the plain SNN in eval mode, classes from the time-mean logits; the processes
+    share the test batches (each encodes them all, so the input noise is that of one process), with rank
+    0's buffers."""
+    world.broadcast_buffers(model)
     model.eval()
     correct = 0
     gen = torch.Generator().manual_seed(12345)
-    for start in range(0, len(data.test_y), config["eval_batch_size"]):
+    for j, start in enumerate(range(0, len(data.test_y), config["eval_batch_size"])):
         x = data.test_x[start:start + config["eval_batch_size"]]
         x = encode(x, config["T"], config["encoding"], gen).to(device)
+        if j % world.size != world.rank:
+            continue
         y = data.test_y[start:start + config["eval_batch_size"]].to(device)
         correct += (model(x).mean(0).argmax(1) == y).sum().item()
     model.train()
+    (correct,) = world.sum([correct], device)
     return 100.0 * correct / len(data.test_y)
 
 
 def train_run(config, data: Dataset, method: str, seed: int, device, checkpoint=None,
-              save: Optional[CheckpointFile] = None) -> Dict[str, Any]:
+              save: Optional[CheckpointFile] = None, world: World = World()) -> Dict[str, Any]:
     """Train one model with ``method`` from ``seed`` (or from ``checkpoint``, refused with a :class:`CLIError`
-    before any training if it does not fit), writing ``save`` after every epoch; returns its record."""
+    before any training if it does not fit), writing ``save`` after every epoch; returns its record. On
+    several processes this process trains on its share of each batch."""
     model = build_model(config["model"], config["width"], data.in_channels, data.num_classes, seed).to(device)
     chunk = config["time_chunk"] or None
-    runner = make_runner(model, method, config["compile"], chunk)
+    runner = make_runner(model, method, config["compile"], chunk, config.get("sync_bn", False))
+    if world.size > 1:
+        runner = DistributedDataParallel(runner, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = _optimizer(config, model.parameters())
     n, batch = len(data.train_y), config["batch_size"]
-    steps_per_epoch = max(n // batch, 1)            # the last partial batch is dropped
+    whole = batch * world.size                      # one step of all processes
+    if whole > n:
+        raise CLIError(f"a batch of {batch} on each of {world.size} processes is more than the {n} training samples")
+    steps_per_epoch = n // whole                    # the last partial batch is dropped
+    mine = slice(world.rank * batch, (world.rank + 1) * batch)
     schedule = _schedule(config, optimizer, steps_per_epoch)
     record: Dict[str, Any] = {"method": method, "seed": seed, "epochs": [], "peak_MiB": None}
     start_epoch = 0
@@ -164,19 +198,20 @@ def train_run(config, data: Dataset, method: str, seed: int, device, checkpoint=
     for epoch in range(start_epoch, config["epochs"]):
         order = torch.randperm(n, generator=torch.Generator().manual_seed(1_000_003 * seed + epoch))
         noise = torch.Generator().manual_seed(7919 * seed + epoch)
-        bar = Progress(steps_per_epoch, f"{label} epoch {epoch + 1}/{config['epochs']}")
+        bar = Progress(steps_per_epoch, f"{label} epoch {epoch + 1}/{config['epochs']}",
+                       stream=None if world.main else io.StringIO())
         times: List[float] = []
         loss_sum, correct, seen = 0.0, 0, 0
         epoch_start = time.perf_counter()
         for i in range(steps_per_epoch):
-            idx = order[i * batch:(i + 1) * batch]
-            x = encode(data.train_x[idx], config["T"], config["encoding"], noise).to(device)
-            y = data.train_y[idx].to(device)
+            idx = order[i * whole:(i + 1) * whole]
+            x = encode(data.train_x[idx], config["T"], config["encoding"], noise)[:, mine].to(device)
+            y = data.train_y[idx][mine].to(device)
             start = time.perf_counter()
             if step == 1 and record["peak_MiB"] is None:       # memory of the second step (not timed)
                 with StepMemory(device) as mem:
                     loss, logits = train_step(runner, optimizer, x, y)
-                record["peak_MiB"] = mem.peak_bytes / MiB
+                record["peak_MiB"] = world.max(mem.peak_bytes / MiB, device)
             else:
                 loss, logits = train_step(runner, optimizer, x, y)
                 synchronize(device)
@@ -188,16 +223,15 @@ def train_run(config, data: Dataset, method: str, seed: int, device, checkpoint=
             loss_sum += loss.item() * len(y)
             correct += (logits.argmax(1) == y).sum().item()
             seen += len(y)
-            step_ms = 1e3 * statistics.median(times) if times else float("nan")
-            peak = f" {record['peak_MiB']:.1f} MiB" if record["peak_MiB"] is not None else ""
-            bar.update(1, f"loss {loss_sum / seen:.3f} acc {100 * correct / seen:5.1f}% {step_ms:.0f} ms/step{peak}")
+            bar.update(1, _metrics(loss_sum, correct, seen, times, record["peak_MiB"]))
         train_seconds = time.perf_counter() - epoch_start
-        test_acc = evaluate(model, data, config, device)
+        loss_sum, correct, seen = world.sum([loss_sum, correct, seen], device)
+        test_acc = evaluate(model, data, config, device, world)
         entry = {"epoch": epoch + 1, "loss": loss_sum / seen, "train_acc": 100 * correct / seen, "test_acc": test_acc,
                  "seconds": train_seconds, "step_ms": 1e3 * statistics.median(times) if times else None}
         record["epochs"].append(entry)
-        bar.close(bar.text + f" | test {test_acc:.1f}%")
-        if save is not None:
+        bar.close(_metrics(loss_sum, correct, seen, times, record["peak_MiB"]) + f" | test {test_acc:.1f}%")
+        if save is not None and world.main:
             save.write({"config": dict(_checkpoint_config(config), method=method, seed=seed), "epoch": epoch + 1,
                         "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                         "schedule": schedule.state_dict() if schedule is not None else None, "record": record})
@@ -209,8 +243,14 @@ def train_run(config, data: Dataset, method: str, seed: int, device, checkpoint=
     return record
 
 
+def _metrics(loss_sum: float, correct: int, seen: int, times: List[float], peak_MiB: Optional[float]) -> str:
+    step_ms = 1e3 * statistics.median(times) if times else float("nan")
+    peak = f" {peak_MiB:.1f} MiB" if peak_MiB is not None else ""
+    return f"loss {loss_sum / seen:.3f} acc {100 * correct / seen:5.1f}% {step_ms:.0f} ms/step{peak}"
+
+
 def _checkpoint_config(config):
-    return {k: config[k] for k in DEFAULTS}
+    return dict({k: config[k] for k in DEFAULTS}, global_batch=config["batch_size"] * config["processes"])
 
 
 def _mean_std(values: List[float]) -> str:
@@ -248,7 +288,9 @@ def print_summary(config, runs, summary) -> None:
     print(f"\n{config['data']} · {config['model']} (width {config['width']}) · T = {config['T']} · "
           f"{config['epochs']} epochs · batch {config['batch_size']} · {config['optimizer']} lr {config['lr']:g} "
           f"({config['schedule']}) · {config['encoding']} encoding · seeds {seeds}"
-          + (" · torch.compile" if config["compile"] else ""))
+          + (" · torch.compile" if config["compile"] else "")
+          + (f" · {config['processes']} processes{' (sync BN)' if config['sync_bn'] else ''}, batch per process"
+             if config["processes"] > 1 else ""))
     header = f"{'method':<8} {'test acc %':>16} {'best %':>7} {'step ms':>8} {'peak MiB':>9} {'train s':>8}"
     print(header)
     print("-" * len(header))
@@ -269,11 +311,32 @@ def print_summary(config, runs, summary) -> None:
 def run(args: argparse.Namespace) -> int:
     """Train every (seed, method) run, print the summary, write the record. An interrupt is raised again
     with a note of the checkpoints left on disk, if there are checkpoints."""
-    checkpoint = load_checkpoint(args.resume) if args.resume else None
-    config = _resolve(args, checkpoint)
+    if args.nproc is not None:
+        return launch(args.nproc, _without_nproc(args.argv))
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = pick_device(args.device)
+    world, device = join_world(pick_device(args.device))
+    try:
+        return _run(args, world, device)
+    finally:
+        world.leave()
+
+
+def _without_nproc(argv: List[str]) -> List[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            out.append(a)
+    return out
+
+
+def _run(args: argparse.Namespace, world: World, device: torch.device) -> int:
+    checkpoint = load_checkpoint(args.resume) if args.resume else None
+    config = _resolve(args, checkpoint, world)
     data = load_dataset(config["data"], config["data_dir"])
     methods = list(METHODS) if config["method"] == "both" else [config["method"]]
     several = len(methods) * len(config["seeds"]) > 1
@@ -283,14 +346,16 @@ def run(args: argparse.Namespace) -> int:
             for method in methods:
                 torch._dynamo.reset()
                 save = None
-                if args.save:
+                if args.save and world.main:
                     save = CheckpointFile(checkpoint_path(args.save, method, seed, several))
                     files.append(save)
-                runs.append(train_run(config, data, method, seed, device, checkpoint, save))
+                runs.append(train_run(config, data, method, seed, device, checkpoint, save, world))
     except KeyboardInterrupt:
         if not files:
             raise
         raise KeyboardInterrupt(interrupt_note(files)) from None
+    if not world.main:
+        return 0
     summary = summarize(runs)
     print_summary(config, runs, summary)
     out = args.out or default_path("train", f"{config['data']}-{config['model']}", "json")
