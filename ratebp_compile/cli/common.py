@@ -18,7 +18,7 @@ from .. import models
 from ..memory import LiveTensorTracker
 from .data import CLIError
 
-__all__ = ["pick_device", "build_model", "make_runner", "train_step", "StepMemory", "synchronize", "environment",
+__all__ = ["pick_device", "build_model", "make_runner", "train_step", "Precision", "AMP_DTYPES", "StepMemory", "synchronize", "environment",
            "write_atomically", "write_json", "ensure_parent", "default_path", "command_line", "MiB"]
 
 MiB = 2 ** 20
@@ -61,13 +61,41 @@ def make_runner(model: nn.Module, method: str, compiled: bool, time_chunk: Optio
     return torch.compile(model) if compiled else model
 
 
-def train_step(runner: Callable, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor):
-    """One step: cross-entropy of the time-mean logits, backward, optimizer step. Returns (loss, logits)."""
+#: ``--amp`` choices: the autocast dtype of the training step's forward.
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class Precision:
+    """The training step's precision: float32, or ``torch.autocast`` to ``amp`` ("bf16" or "fp16") around the
+    forward and the loss, with a ``GradScaler`` for float16 (whose gradients would underflow)."""
+
+    def __init__(self, amp: Optional[str], device: torch.device):
+        if amp is not None and amp not in AMP_DTYPES:
+            raise CLIError(f"--amp must be one of {sorted(AMP_DTYPES)}, got {amp!r}")
+        self.dtype = AMP_DTYPES.get(amp)
+        self.device_type = device.type
+        self.scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
+
+    def autocast(self):
+        return torch.autocast(self.device_type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None)
+
+
+def train_step(runner: Callable, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+               precision: Optional[Precision] = None):
+    """One step: cross-entropy of the time-mean logits (float32), backward, optimizer step; under autocast
+    (and loss scaling) as ``precision`` says. Returns (loss, logits)."""
     optimizer.zero_grad(set_to_none=True)
-    logits = runner(x).mean(0)
-    loss = F.cross_entropy(logits, y)
-    loss.backward()
-    optimizer.step()
+    scaler = precision.scaler if precision is not None else None
+    with precision.autocast() if precision is not None else contextlib.nullcontext():
+        logits = runner(x).mean(0).float()
+        loss = F.cross_entropy(logits, y)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
     return loss.detach(), logits.detach()
 
 

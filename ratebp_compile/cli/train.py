@@ -33,7 +33,7 @@ from torch.nn.parallel import DistributedDataParallel
 from .. import models
 from ..options import DEFAULT_TIME_CHUNK, METHODS
 from .checkpoint import CheckpointFile, checkpoint_path, interrupt_note, load_checkpoint, restore
-from .common import (MiB, StepMemory, build_model, command_line, default_path, environment,
+from .common import (AMP_DTYPES, MiB, Precision, StepMemory, build_model, command_line, default_path, environment,
                      make_runner, pick_device, synchronize, train_step, write_json)
 from .data import DATASETS, ENCODINGS, CLIError, Dataset, encode, load_dataset
 from .distributed import World, join_world, launch
@@ -60,6 +60,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                        help=f"rate-based backprop, BPTT, or both one after the other (default {d['method']})")
     model.add_argument("--compile", action="store_true",
                        help="train through torch.compile (backend 'ratebp'; Inductor for BPTT)")
+    model.add_argument("--amp", choices=sorted(AMP_DTYPES),
+                       help="mixed precision: the forward under torch.autocast to bfloat16 or float16 (float16 with "
+                            "loss scaling); neuron states accumulate in float32 (default: float32)")
     model.add_argument("--time-chunk", type=int,
                        help=f"rate-based spike pass in chunks of this many steps when T is larger (default "
                             f"{d['time_chunk']}; 0: all T steps at once)")
@@ -113,7 +116,7 @@ def _resolve(args: argparse.Namespace, checkpoint: Optional[Dict[str, Any]], wor
         config[key] = given if given is not None else saved.get(key, default)
     seeds = args.seed if args.seed is not None else [saved.get("seed", 0)]
     config.update(seeds=seeds, epochs=args.epochs, data_dir=args.data_dir, compile=args.compile,
-                  eval_batch_size=args.eval_batch_size, sync_bn=args.sync_bn, processes=world.size)
+                  eval_batch_size=args.eval_batch_size, sync_bn=args.sync_bn, processes=world.size, amp=args.amp)
     if checkpoint is not None and (config["method"] == "both" or len(seeds) > 1):
         raise CLIError("--resume continues one run: give one --method (ratebp or bptt) and one --seed")
     for key in ("width", "T", "batch_size", "epochs", "eval_batch_size"):
@@ -176,6 +179,7 @@ def train_run(config, data: Dataset, method: str, seed: int, device, checkpoint=
     if world.size > 1:
         runner = DistributedDataParallel(runner, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = _optimizer(config, model.parameters())
+    precision = Precision(config.get("amp"), device)
     n, batch = len(data.train_y), config["batch_size"]
     whole = batch * world.size                      # one step of all processes
     if whole > n:
@@ -187,6 +191,8 @@ def train_run(config, data: Dataset, method: str, seed: int, device, checkpoint=
     start_epoch = 0
     if checkpoint is not None:
         restore(checkpoint, model, optimizer, schedule)
+        if precision.scaler is not None and checkpoint.get("scaler"):
+            precision.scaler.load_state_dict(checkpoint["scaler"])
         record["epochs"] = list(checkpoint["record"]["epochs"])
         record["peak_MiB"] = checkpoint["record"].get("peak_MiB")
         start_epoch = checkpoint["epoch"]
@@ -210,10 +216,10 @@ def train_run(config, data: Dataset, method: str, seed: int, device, checkpoint=
             start = time.perf_counter()
             if step == 1 and record["peak_MiB"] is None:       # memory of the second step (not timed)
                 with StepMemory(device) as mem:
-                    loss, logits = train_step(runner, optimizer, x, y)
+                    loss, logits = train_step(runner, optimizer, x, y, precision)
                 record["peak_MiB"] = world.max(mem.peak_bytes / MiB, device)
             else:
-                loss, logits = train_step(runner, optimizer, x, y)
+                loss, logits = train_step(runner, optimizer, x, y, precision)
                 synchronize(device)
                 if step > 0:
                     times.append(time.perf_counter() - start)
@@ -234,7 +240,8 @@ def train_run(config, data: Dataset, method: str, seed: int, device, checkpoint=
         if save is not None and world.main:
             save.write({"config": dict(_checkpoint_config(config), method=method, seed=seed), "epoch": epoch + 1,
                         "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "schedule": schedule.state_dict() if schedule is not None else None, "record": record})
+                        "schedule": schedule.state_dict() if schedule is not None else None, "record": record,
+                        "scaler": precision.scaler.state_dict() if precision.scaler is not None else None})
     last = record["epochs"][-1]
     step_times = [e["step_ms"] for e in record["epochs"] if e["step_ms"] is not None]
     record.update(test_acc=last["test_acc"], best_test_acc=max(e["test_acc"] for e in record["epochs"]),
@@ -289,6 +296,7 @@ def print_summary(config, runs, summary) -> None:
           f"{config['epochs']} epochs · batch {config['batch_size']} · {config['optimizer']} lr {config['lr']:g} "
           f"({config['schedule']}) · {config['encoding']} encoding · seeds {seeds}"
           + (" · torch.compile" if config["compile"] else "")
+          + (f" · autocast {config['amp']}" if config.get("amp") else "")
           + (f" · {config['processes']} processes{' (sync BN)' if config['sync_bn'] else ''}, batch per process"
              if config["processes"] > 1 else ""))
     header = f"{'method':<8} {'test acc %':>16} {'best %':>7} {'step ms':>8} {'peak MiB':>9} {'train s':>8}"
