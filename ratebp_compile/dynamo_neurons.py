@@ -37,15 +37,18 @@ _MARK = "_ratebp_neuron_calls"
 def records_as_call(module: nn.Module) -> bool:
     """Whether a call of ``module`` becomes one ``call_module`` node when traced for the backend: a neuron
     registered with ``register_neuron`` (snnTorch's, Norse's, a user's; not ``rc.nn``'s, nor SpikingJelly's
-    where its own custom ops describe them: multi-step, or single-step with settings the cell step covers)
-    or a layer with a rewrite (``interop.register_rewrite``: SpikingJelly's Dropout, whose mask is module
-    state), in training mode, with autograd on."""
+    where its own custom ops describe them: multi-step, or single-step with settings the cell step covers),
+    a layer with a rewrite (``interop.register_rewrite``: SpikingJelly's Dropout, whose mask is module
+    state) or an ``nn.SyncBatchNorm`` (the ``sync_batchnorm`` pass rewrites it), in training mode, with
+    autograd on."""
     from .interop import load_for, op_traced, rewrite_for
     from .nn.neuron import Neuron
     from .nn.spec import is_single_step, registered_neuron_types
 
     if isinstance(module, Neuron) or not (module.training and torch.is_grad_enabled()):
         return False
+    if isinstance(module, nn.SyncBatchNorm):
+        return True             # its forward's collectives (and its refusal of CPU tensors): the backend's own
     if rewrite_for(module) is not None:
         return True             # a layer with a rewrite (SpikingJelly's Dropout): the backend expands it
     load_for(module)
@@ -154,6 +157,9 @@ def _example_output(module: nn.Module, node, fake_mode):
 
     fakes = [v for v in pytree.tree_leaves(map_arg((node.args, node.kwargs), lambda n: n.meta.get("example_value")))
              if isinstance(v, torch.Tensor)]
+    if isinstance(module, nn.SyncBatchNorm):        # shaped like its input; running it would update its statistics
+        with fake_mode:
+            return torch.empty_like(fakes[0])
     real_args, real_kwargs = pytree.tree_map_only(
         torch.Tensor, lambda f: torch.zeros([hint(s) for s in f.shape], dtype=f.dtype, device=f.device),
         map_arg((node.args, node.kwargs), lambda n: n.meta.get("example_value")))

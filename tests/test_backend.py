@@ -235,3 +235,32 @@ def test_a_graph_break_between_neurons_is_a_clear_error():
                                         r"self\.sn2\(self\.bn.*splitting the SNN in two"):
         torch.compile(model, backend="ratebp")(torch.rand(3, 2, 4)).sum().backward()
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_syncbatchnorm_is_one_module_call_the_backend_rewrites(monkeypatch):
+    """Under the backend an ``nn.SyncBatchNorm`` in training is one module call (its forward, which refuses CPU
+    tensors once torch.distributed is initialised, is not traced), rewritten by the ``sync_batchnorm`` pass;
+    recording it does not touch its running statistics. On one process it is the local BatchNorm."""
+    from ratebp_compile.graph_ops import sync_batch_norm
+
+    model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(Tiny()).train()
+    reference = copy.deepcopy(model)
+    x = tiny_input(T=3)
+    graphs = []
+    original = rb._complete_outputs
+    monkeypatch.setattr(rb, "_complete_outputs", lambda gm: (graphs.append(gm), original(gm))[1])
+    torch._dynamo.reset()
+    with inputs_unchanged(x):
+        out = torch.compile(model, backend="ratebp", options={"compiler": "eager"})(x)
+        out.sum().backward()
+    assert [n.target for n in graphs[0].graph.nodes if n.op == "call_module"] == ["bn"]
+    program = rb.compiled_for(model)
+    record = next(r for r in program.history if r.name == "sync_batchnorm")
+    assert record.modified and any(n.target is sync_batch_norm for n in record.graph.graph.nodes)
+    expected = rc.transform(reference)(x)
+    expected.sum().backward()
+    torch.testing.assert_close(out, expected)
+    assert int(model.bn.num_batches_tracked) == 1
+    torch.testing.assert_close(model.bn.running_var, reference.bn.running_var)
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6)
