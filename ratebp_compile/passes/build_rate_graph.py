@@ -219,7 +219,11 @@ def build_rate_graph(program: fx.GraphModule) -> PassResult:
     by_name = {n.name: n for n in g.nodes}
     aux_nodes = [by_name[stat.name] for stat in statistics]
     builder = _RateBuilder(source, statistics)
-    rate = fx.GraphModule(source, builder.build(), class_name="RateGraph")
+    rate_graph = builder.build()
+    for node in list(rate_graph.nodes):          # a module a rewritten node referred to (a BatchNorm's)
+        if node.op == "get_attr" and not node.users:
+            rate_graph.erase_node(node)
+    rate = fx.GraphModule(source, rate_graph, class_name="RateGraph")
     program.add_submodule("rate", rate)
 
     placeholders = [n for n in g.nodes if n.op == "placeholder"]
