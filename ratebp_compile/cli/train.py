@@ -181,9 +181,11 @@ def train_run(config, data: Dataset, method: str, seed: int, device, checkpoint=
     optimizer = _optimizer(config, model.parameters())
     precision = Precision(config.get("amp"), device)
     n, batch = len(data.train_y), config["batch_size"]
+    if batch * world.size > n:                      # one step on every sample there is
+        if n < world.size:
+            raise CLIError(f"{n} training samples cannot be shared by {world.size} processes")
+        batch = n // world.size
     whole = batch * world.size                      # one step of all processes
-    if whole > n:
-        raise CLIError(f"a batch of {batch} on each of {world.size} processes is more than the {n} training samples")
     steps_per_epoch = n // whole                    # the last partial batch is dropped
     mine = slice(world.rank * batch, (world.rank + 1) * batch)
     schedule = _schedule(config, optimizer, steps_per_epoch)

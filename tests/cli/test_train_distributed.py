@@ -42,7 +42,8 @@ def test_two_processes_equal_one_with_the_whole_batch(ratebp_train, tmp_path):
 
 
 def test_a_failing_process_fails_the_run(ratebp_train, tmp_path):
-    code, _, _ = ratebp_train(*ARGS, "--nproc", "2", "--batch-size", "1000", "--out", str(tmp_path / "x.json"))
+    code, _, _ = ratebp_train(*ARGS, "--nproc", "2", "--resume", str(tmp_path / "missing.pt"),
+                              "--out", str(tmp_path / "x.json"))
     assert code != 0 and not (tmp_path / "x.json").exists()
 
 

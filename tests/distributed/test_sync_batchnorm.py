@@ -57,7 +57,19 @@ class _PerStep(nn.Module):
         return torch.stack([self.cell(self.bn(self.fc(x_t))) for x_t in x])
 
 
+def _spikingjelly():
+    """SpikingJelly's multi-step conv net: its ``layer.BatchNorm2d`` and ``layer.BatchNorm1d`` (which PyTorch's
+    ``convert_sync_batchnorm`` would replace by an ``nn.SyncBatchNorm`` without their multi-step mode)."""
+    from spikingjelly.activation_based import functional, layer, neuron
+
+    net = nn.Sequential(layer.Conv2d(2, 4, 3, padding=1), layer.BatchNorm2d(4), neuron.LIFNode(),
+                        layer.Flatten(), layer.Linear(4 * 6 * 6, 4), layer.BatchNorm1d(4), neuron.LIFNode())
+    functional.set_step_mode(net, "m")
+    return net
+
+
 MODELS = {"conv": (_Conv, (2, 6, 6)), "mlp": (_MLP, (6,)), "per_step": (_PerStep, (6,)),
+          "spikingjelly": (_spikingjelly, (2, 6, 6)),
           "syncbn": (lambda: nn.SyncBatchNorm.convert_sync_batchnorm(_Conv()), (2, 6, 6))}
 
 
@@ -127,6 +139,9 @@ def _assert_state(got, expected, what):
         torch.testing.assert_close(b, expected["buffers"][n], rtol=1e-5, atol=1e-6, msg=f"{what}: buffer {n}")
 
 
+_LAST_BN = {"per_step": "bn", "spikingjelly": "5"}     # the running mean compared with rank 0's own
+
+
 def _assert_equals_one_process(ranks, name, method, time_chunk):
     whole = _single_process(name, method, time_chunk)
     assert float(whole["out"].sum()) > 0 and all(float(g.abs().sum()) > 0 for g in whole["grads"].values())
@@ -134,8 +149,8 @@ def _assert_equals_one_process(ranks, name, method, time_chunk):
         expected = dict(whole, out=_shard(whole["out"], rank))
         _assert_state(got, expected, f"rank {rank}")
     local = _single_process(name, method, time_chunk, rank=0)     # what rank 0 alone would compute: different
-    assert not torch.allclose(local["buffers"]["bn1.running_mean" if name != "per_step" else "bn.running_mean"],
-                              whole["buffers"]["bn1.running_mean" if name != "per_step" else "bn.running_mean"])
+    key = f"{_LAST_BN.get(name, 'bn1')}.running_mean"
+    assert not torch.allclose(local["buffers"][key], whole["buffers"][key])
 
 
 @pytest.mark.parametrize("time_chunk", [None, 2])
@@ -169,6 +184,13 @@ def test_nn_syncbatchnorm_synchronises_by_itself(entry, method):
     its calls is a module call the backend rewrites (its own forward refuses CPU tensors)."""
     ranks = run(_step, WORLD, name="syncbn", method=method, time_chunk=None, entry=entry, sync=False, ddp=False)
     _assert_equals_one_process(ranks, "syncbn", method, None)
+
+
+@pytest.mark.parametrize("method", ["ratebp", "bptt"])
+def test_spikingjelly_batchnorms_synchronise(method):
+    pytest.importorskip("spikingjelly")
+    ranks = run(_step, WORLD, name="spikingjelly", method=method, time_chunk=None)
+    _assert_equals_one_process(ranks, "spikingjelly", method, None)
 
 
 @pytest.mark.parametrize("method", ["ratebp", "bptt"])
