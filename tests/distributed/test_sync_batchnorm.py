@@ -96,7 +96,7 @@ def _state(model, out):
             "buffers": {n: b.clone() for n, b in model.named_buffers()}}
 
 
-def _step(rank, world_size, name, method, time_chunk, entry="transform", sync=True, ddp=True):
+def _step(rank, world_size, name, method, time_chunk, entry="transform", sync=True, ddp=True, compiler="eager"):
     model = _build(name)
     torch._dynamo.reset()
     if entry == "transform":
@@ -106,7 +106,7 @@ def _step(rank, world_size, name, method, time_chunk, entry="transform", sync=Tr
     if ddp:
         step = DDP(step)
     if entry == "compile":
-        step = torch.compile(step, backend="ratebp", options={"compiler": "eager", "method": method,
+        step = torch.compile(step, backend="ratebp", options={"compiler": compiler, "method": method,
                                                               "time_chunk": time_chunk, "sync_batchnorm": sync or None})
     x, target = (_shard(t, rank) for t in _data(name))
     with inputs_unchanged(x):
@@ -174,6 +174,13 @@ def test_under_torch_compile(method, time_chunk):
     Dynamo's graph (``F.batch_norm``) synchronise."""
     ranks = run(_step, WORLD, name="conv", method=method, time_chunk=time_chunk, entry="compile")
     _assert_equals_one_process(ranks, "conv", method, time_chunk)
+
+
+@pytest.mark.parametrize("method", ["ratebp", "bptt"])
+def test_with_inductor(method):
+    """The collectives are custom ops: Inductor compiles the spike and rate graphs (or BPTT's step) around them."""
+    ranks = run(_step, WORLD, name="conv", method=method, time_chunk=None, entry="compile", compiler="inductor")
+    _assert_equals_one_process(ranks, "conv", method, None)
 
 
 @pytest.mark.parametrize("method", ["ratebp", "bptt"])
