@@ -47,8 +47,9 @@ from .marks import neuron_mode, step_settings
 from .nn.spec import call_form, neuron_op, starts_from_stored
 from .oprules import arg, is_module_state
 from .options import StepOptions, step_kind
-from .passes.batchnorm_parts import is_batchnorm
+from .passes.batchnorm_parts import is_batchnorm, uses_batch_statistics
 from .passes.infra import snapshot
+from .passes.sync_batchnorm import refuse_local_batchnorms
 from .program import Program, compile_program
 from .statewatch import StateWatch
 from .stream import StreamStage
@@ -448,6 +449,8 @@ def ratebp_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: O
         kind = step_kind(opts.method, _training(gm, modes), torch.is_grad_enabled())
     if kind == "plain":
         log.debug("ratebp backend: plain SNN graph")
+        refuse_local_batchnorms([describe_node(n, gm) for n in gm.graph.nodes
+                                 if is_batchnorm(n, gm) and uses_batch_statistics(n, gm)], opts.sync_batchnorm)
         return _compile_graph(gm, list(example_inputs), opts.compiler)
     part = _part_of_a_ddp_model()
     if part is not None:

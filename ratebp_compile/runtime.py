@@ -32,6 +32,7 @@ from .guards import Guards
 from .hooks import hooks_suspended
 from .marks import step_settings
 from .options import DEFAULT_CACHE_SIZE, DEFAULT_TIME_CHUNK, StepOptions, step_kind
+from .passes.sync_batchnorm import refuse_local_batchnorms
 from .program import Program, compile_program
 
 __all__ = ["transform", "RateBPModule"]
@@ -209,6 +210,10 @@ class RateBPModule(nn.Module):
         if torch.compiler.is_compiling():
             return self._traced_forward(args, kwargs)
         if step_kind(self.options.method, self._model.training, torch.is_grad_enabled()) == "plain":
+            if self._model.training:
+                refuse_local_batchnorms([n for n, m in self._model.named_modules() if m.training and
+                                         isinstance(m, nn.modules.batchnorm._BatchNorm) and
+                                         not isinstance(m, nn.SyncBatchNorm)], self.options.sync_batchnorm)
             return self._model(*args, **kwargs)
         args = self._positional(args, kwargs)
         program = self.compile_for(*args)

@@ -7,12 +7,13 @@ import torch.fx as fx
 from torch import nn
 
 from ..capture import propagate_shapes
-from ..collectives import group_key
+from ..collectives import group_key, world_size
+from ..errors import RateBPError
 from ..graph_ops import sync_batch_norm
 from .batchnorm_parts import batchnorm_module, batchnorm_parts, is_batchnorm, uses_batch_statistics
 from .infra import PassResult, at_node, copy_meta, postcondition, require
 
-__all__ = ["sync_batchnorm", "SYNC_GROUP"]
+__all__ = ["sync_batchnorm", "SYNC_GROUP", "refuse_local_batchnorms"]
 
 PASS = "sync_batchnorm"
 SYNC_GROUP = "ratebp.sync_batchnorm"     # gm.meta: the key of the group every BatchNorm syncs over, or None
@@ -31,6 +32,19 @@ def _group(node: fx.Node, gm: fx.GraphModule) -> Optional[str]:
     if isinstance(bn, nn.SyncBatchNorm):
         return group_key(bn.process_group or True)
     return gm.meta.get(SYNC_GROUP)
+
+
+def refuse_local_batchnorms(names, group: Optional[str]) -> None:
+    """Raise when the plain model (training mode, autograd off) would run BatchNorms the ``sync_batchnorm``
+    option synchronises — ``names``, in training mode — with each process's own statistics: only the
+    compiled step synchronises them (``nn.SyncBatchNorm`` synchronises itself)."""
+    names = list(names)
+    if group is None or not names or world_size(group) == 1:
+        return
+    raise RateBPError(f"sync_batchnorm: in training mode with autograd off the model runs as it is, and its "
+                      f"BatchNorms ({'; '.join(names[:3])}{'; ...' if len(names) > 3 else ''}) would normalise each process's "
+                      f"batch with its own statistics and update their running statistics from it; run it with "
+                      f"autograd on (the synchronised step), in eval mode, or use nn.SyncBatchNorm")
 
 
 def _check(gm: fx.GraphModule) -> None:

@@ -161,10 +161,10 @@ def test_synchronised_batchnorm_equals_one_process(name, method, time_chunk):
     _assert_equals_one_process(ranks, name, method, time_chunk)
 
 
-@pytest.mark.parametrize("method", ["ratebp", "bptt"])
-def test_a_batchnorm_per_step_synchronises_each_step(method):
-    ranks = run(_step, WORLD, name="per_step", method=method, time_chunk=None)
-    _assert_equals_one_process(ranks, "per_step", method, None)
+@pytest.mark.parametrize("method,time_chunk", [("ratebp", None), ("ratebp", 2), ("bptt", None)])
+def test_a_batchnorm_per_step_synchronises_each_step(method, time_chunk):
+    ranks = run(_step, WORLD, name="per_step", method=method, time_chunk=time_chunk)
+    _assert_equals_one_process(ranks, "per_step", method, time_chunk)
 
 
 @pytest.mark.parametrize("time_chunk", [None, 2])
@@ -208,6 +208,27 @@ def test_without_sync_each_rank_normalises_locally(method):
         torch.testing.assert_close(got["out"], local["out"])
         for n, b in got["buffers"].items():
             torch.testing.assert_close(b, local["buffers"][n], msg=n)
+
+
+def _plain_step(rank, world_size, entry):
+    """Training mode with autograd off runs the plain model: its BatchNorms would not synchronise."""
+    model = _build("conv")
+    x, _ = _data("conv")
+    step = rc.transform(model, sync_batchnorm=True) if entry == "transform" else \
+        torch.compile(model, backend="ratebp", options={"compiler": "eager", "sync_batchnorm": True})
+    snapshot = {n: b.clone() for n, b in model.named_buffers()}
+    with torch.no_grad(), pytest.raises(Exception, match=r"sync_batchnorm: in training mode with autograd "
+                                                         r"off the model runs as it is.*BatchNorms \((bn; bn1|function 'batch_norm' at .*test_sync)"):
+        step(_shard(x, rank))
+    unchanged = all(torch.equal(b, snapshot[n]) for n, b in model.named_buffers())
+    with torch.no_grad():
+        step.eval()(_shard(x, rank))          # eval mode: running statistics, nothing to synchronise
+    return unchanged
+
+
+@pytest.mark.parametrize("entry", ["transform", "compile"])
+def test_a_plain_step_that_would_not_synchronise_is_refused(entry):
+    assert run(_plain_step, WORLD, entry=entry) == [True, True]
 
 
 def _uneven(rank, world_size):
