@@ -46,6 +46,12 @@ def _count(x: torch.Tensor) -> int:
     return x.numel() // x.shape[1]
 
 
+def _local_moments(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and biased variance of a BatchNorm input, in float32 for half-precision inputs (as
+    ``native_batch_norm`` reports them; ``batch_norm_update_stats`` would round them to the input's dtype)."""
+    return torch.batch_norm_update_stats(x if x.dtype in (torch.float32, torch.float64) else x.float(), None, None, 0.0)
+
+
 def spike_batch_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float,
                      group: Optional[str] = None):
     """Training-mode BatchNorm of the spike pass that also returns the batch statistics it used.
@@ -57,7 +63,7 @@ def spike_batch_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Opti
     if group is None:
         y, mean, invstd = torch.native_batch_norm(x, weight, bias, None, None, True, 0.0, eps)
         return y, mean, invstd.pow(-2) - eps
-    mean, var = torch.batch_norm_update_stats(x, None, None, 0.0)
+    mean, var = _local_moments(x)
     mean, var, _ = global_moments(mean, var, _count(x), group)
     return F.batch_norm(x, mean, var, weight, bias, False, 0.0, eps), mean, var
 
@@ -77,7 +83,7 @@ def spike_batch_norm_per_step(x: torch.Tensor, weight: Optional[torch.Tensor], b
         outs = [spike_batch_norm(x_t, weight, bias, eps) for x_t in x.chunk(T)]
         return torch.cat([o[0] for o in outs]), torch.stack([o[1] for o in outs]), torch.stack([o[2] for o in outs])
     steps = x.chunk(T)
-    local = [torch.batch_norm_update_stats(x_t, None, None, 0.0) for x_t in steps]
+    local = [_local_moments(x_t) for x_t in steps]
     means, variances, _ = global_moments(torch.stack([m for m, _ in local]), torch.stack([v for _, v in local]),
                                          _count(steps[0]), group)
     y = torch.cat([F.batch_norm(x_t, m, v, weight, bias, False, 0.0, eps) for x_t, m, v in zip(steps, means, variances)])
@@ -108,21 +114,38 @@ def chunk_batch_norm_(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Opt
 def _normalise(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], mean: torch.Tensor,
                var: torch.Tensor, eps: float, mean_x: torch.Tensor, var_x: torch.Tensor) -> torch.Tensor:
     """y = (x − m)/√(v + ε)·γ + β, where m has the value of ``mean`` and the derivative of ``mean_x``, and v
-    the value of ``var`` and the derivative of ``var_x``."""
+    the value of ``var`` and the derivative of ``var_x``.
+
+    In float32 (float64) as written, the paper authors' order of operations. A half-precision ``x`` is
+    normalised as the BatchNorm normalises it (``F.batch_norm``: in float32, rounded once), and the
+    derivatives through m and v enter through a term whose value is exactly zero: −γ·s·δm − ½·γ·s³·(x − m)·δv,
+    with s = 1/√(v + ε), δm = mean_x − mean_x (detached), δv likewise.
+    """
     shape = _channel_shape(x)
-    m = mean.view(shape).to(x.dtype) + (mean_x - mean_x.detach()).view(shape)
-    v = var.view(shape).to(x.dtype) + (var_x - var_x.detach()).view(shape)
-    y = (x - m) / torch.sqrt(v + eps)
-    if weight is not None:
-        y = y * weight.view(shape)
-    if bias is not None:
-        y = y + bias.view(shape)
-    return y
+    zero_m, zero_v = mean_x - mean_x.detach(), var_x - var_x.detach()
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        m = mean.view(shape).to(x.dtype) + zero_m.view(shape).to(x.dtype)
+        v = var.view(shape).to(x.dtype) + zero_v.view(shape).to(x.dtype)
+        y = (x - m) / torch.sqrt(v + eps)
+        if weight is not None:
+            y = y * weight.view(shape)
+        if bias is not None:
+            y = y + bias.view(shape)
+        return y
+    mean, var = mean.float(), var.float()
+    y = F.batch_norm(x, mean, var, weight, bias, False, 0.0, eps)
+    invstd = (var + eps).rsqrt()
+    scale = invstd if weight is None else invstd * weight
+    shift = (scale * zero_m.float()).view(shape).to(x.dtype)
+    slope = (0.5 * scale * invstd.square() * zero_v.float()).view(shape).to(x.dtype)
+    return y - shift - slope * (x - mean.view(shape).to(x.dtype))
 
 
 def _global_sums(x: torch.Tensor, group: str, reduce) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per channel: the sum of x, of x² and the count, each passed through ``reduce`` (over the ranks)."""
+    """Per channel: the sum of x, of x² and the count, each passed through ``reduce`` (over the ranks); in
+    float32 for half-precision inputs."""
     dims = _stat_dims(x)
+    x = x if x.dtype in (torch.float32, torch.float64) else x.float()
     s1 = x.sum(dims)
     sums = reduce(torch.stack([s1, x.square().sum(dims), torch.full_like(s1, _count(x))]), group)
     return sums[0], sums[1], sums[2]
@@ -168,11 +191,11 @@ def sync_batch_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optio
     if steps is not None:
         return torch.cat([sync_batch_norm(x_t, weight, bias, running, eps, momentum, group) for x_t in x.chunk(steps)])
     with torch.no_grad():
-        mean, var = torch.batch_norm_update_stats(x, None, None, 0.0)
+        mean, var = _local_moments(x)
         mean, var, total = global_moments(mean, var, _count(x), group)
     s1, s2, _ = _global_sums(x, group, sum_gradient_over_ranks)
-    mean_x = s1 / total.to(x.dtype)
-    var_x = (s2 - 2 * mean.to(x.dtype) * s1) / total.to(x.dtype)    # the value is unused: d/dx = 2(x − mean)/N
+    mean_x = s1 / total.to(s1.dtype)
+    var_x = (s2 - 2 * mean.to(s1.dtype) * s1) / total.to(s1.dtype)    # the value is unused: d/dx = 2(x − mean)/N
     y = _normalise(x, weight, bias, mean, var, eps, mean_x, var_x)
     update_batch_norm_stats(running, mean, var, _count(x), momentum, group)
     return y

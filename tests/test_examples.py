@@ -33,3 +33,20 @@ def test_snntorch_and_norse_digits_learn(name, library):
     pytest.importorskip("sklearn")
     accuracy = _load(name).main(["--epochs", "2"])
     assert accuracy > 0.6
+
+
+def test_data_parallel_example_learns_on_two_processes():
+    """``torchrun --standalone --nproc-per-node 2 examples/data_parallel.py`` (gloo on the loopback interface)."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    pytest.importorskip("sklearn")
+    env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(EXAMPLES / "data_parallel.py"), "--epochs", "4"],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    accuracies = [float(a) for a in re.findall(r"test accuracy ([\d.]+)%", done.stdout)]
+    assert len(accuracies) == 4 and accuracies[-1] > 60, done.stdout        # printed once per epoch: rank 0 only

@@ -86,3 +86,21 @@ def test_float16_with_a_grad_scaler():
         assert out.dtype == torch.float16 and torch.isfinite(g).all()
         errors[method] = _error(g, reference)
     assert errors["ratebp"] <= errors["bptt"] < 0.2, errors
+
+
+def test_a_synchronised_batchnorm_under_autocast():
+    """One process: with ``sync_batchnorm=True`` the step under bfloat16 autocast is the local one: the same
+    outputs (the moments of half-precision inputs kept in float32 and the normalisation computed as the local
+    BatchNorm computes it), gradients within bfloat16 rounding of the sums."""
+    model, x, y = _setup()
+    for method in ("ratebp", "bptt"):
+        for chunk in (None, 2):
+            a, b = copy.deepcopy(model), copy.deepcopy(model)
+            out_a, g_a = _gradient(rc.transform(a, method=method, time_chunk=chunk, sync_batchnorm=True), a, x, y,
+                                   torch.bfloat16)
+            out_b, g_b = _gradient(rc.transform(b, method=method, time_chunk=chunk), b, x, y, torch.bfloat16)
+            assert out_a.dtype == out_b.dtype == torch.bfloat16
+            assert torch.equal(out_a, out_b), (method, chunk)
+            assert _error(g_a, g_b) < 0.01, (method, chunk, _error(g_a, g_b))     # against 0.08 from float32
+            for n, buf in a.named_buffers():
+                torch.testing.assert_close(buf, dict(b.named_buffers())[n], rtol=1e-3, atol=1e-4)
