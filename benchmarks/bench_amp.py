@@ -6,7 +6,9 @@
 For zoo models on one random batch (the same for every run): the gradient of the cross-entropy of the
 time-mean logits with every parameter, in float32 and under autocast to bfloat16 / float16, for the
 rate-based step (``transform``) and for BPTT (the same capture, ``method="bptt"``). Reported per model and
-method: the relative L2 error of the whole gradient under autocast against the same method in float32.
+method: the relative L2 error of the whole gradient under autocast against the same method in float32, and
+the cosine of the angle between the two; and, for scale, the same for a float32 step whose input alone was
+rounded to bfloat16 (how sensitive the network's gradient is to a perturbation of that size).
 The rate-based step is "no further off than BPTT" when its error is at most BPTT's.
 """
 from __future__ import annotations
@@ -50,11 +52,14 @@ def main() -> None:
         y = torch.randint(0, 10, (args.batch_size,), device=device)
         for method in ("ratebp", "bptt"):
             reference = gradient(model, x, y, method, None)
-            for label, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
-                g = gradient(model, x, y, method, dtype)
+            for label, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32, input rounded to bf16", None)):
+                inputs = x.bfloat16().float() if dtype is None else x
+                g = gradient(model, inputs, y, method, dtype)
                 error = float((g - reference).norm() / reference.norm())
-                rows.append({"model": name, "method": method, "amp": label, "relative_error": error})
-                print(f"{name:<9} {method:<7} {label}: relative gradient error {error:.4f}", flush=True)
+                cosine = float(torch.nn.functional.cosine_similarity(g, reference, dim=0))
+                rows.append({"model": name, "method": method, "amp": label, "relative_error": error, "cosine": cosine})
+                print(f"{name:<9} {method:<7} {label}: relative gradient error {error:.4f}, cosine {cosine:.3f}",
+                      flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"rows": rows, "config": vars(args), "torch": torch.__version__}, f, indent=1)
