@@ -52,7 +52,8 @@ def _variants(compiled: bool) -> List[str]:
 
 
 def measure(args, T: int, device: torch.device) -> Dict[str, Any]:
-    base = build_model(args.model, args.width, args.channels, 10, args.seed).to(device).train()
+    base = build_model(args.model, args.width, (args.channels, args.input_size, args.input_size), 10,
+                       args.seed).to(device).train()
     g = torch.Generator().manual_seed(args.seed)
     x = torch.rand(T, args.batch_size, args.channels, args.input_size, args.input_size, generator=g).to(device)
     y = torch.randint(0, 10, (args.batch_size,), generator=g).to(device)

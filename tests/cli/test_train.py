@@ -24,6 +24,15 @@ def test_one_epoch(ratebp_train, tmp_path, data):
     assert record["config"]["data"] == data and record["environment"]["torch"] == torch.__version__
 
 
+def test_a_sequence_dataset_trains_an_mlp(ratebp_train, tmp_path):
+    out = tmp_path / "timing.json"
+    code, stdout, err = ratebp_train("--data", "timing", "--model", "mlp", "--width", "2", "--T", "8", "--epochs", "1",
+                                     "--device", "cpu", "--out", str(out))
+    assert code == 0, err
+    record = json.loads(out.read_text())
+    assert record["config"]["data"] == "timing" and 0.0 <= record["runs"][0]["test_acc"] <= 100.0
+
+
 def test_both_methods_compare(ratebp_train, tmp_path):
     out = tmp_path / "both.json"
     code, stdout, _ = ratebp_train("--data", "synthetic", *TINY, "--method", "both", "--encoding", "poisson",
@@ -64,6 +73,8 @@ def test_resume_continues_the_run_exactly(ratebp_train, tmp_path):
     (["--epochs", "two"], "invalid int value: 'two'"),
     (["--frobnicate"], "unrecognized arguments: --frobnicate"),
     (["--resume", "/nonexistent/ckpt.pt"], "no such file"),
+    (["--data", "timing", "--T", "16"], "--model convnet takes images; this data has 8 features per step"),
+    (["--data", "timing", "--model", "mlp", "--T", "5"], "--T must divide 16, got 5"),
     (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--lr", "-1"], "CUDA|--lr must be positive"),
 ])
 def test_bad_input_is_one_line(capsys, argv, message):

@@ -18,6 +18,7 @@ ZOO = {
     "vgg13": lambda: models.vgg13(num_classes=5, width=4),
     "vggsnn": lambda: models.vggsnn(num_classes=5, width=4),
     "mlp": lambda: models.SpikingMLP(3 * 32 * 32, (16, 16), 5, batch_norm=True),
+    "convnet28": lambda: models.convnet28(num_classes=5, in_channels=3, width=4),
     "resnet18-plif": lambda: models.resnet18(num_classes=5, width=4, neuron=partial(ParametricLIF, init_tau=2.0)),
     "vgg11-if-hard": lambda: models.vgg11(num_classes=5, width=4,
                                           neuron=partial(IF, v_reset=0.0, detach_reset=False, surrogate=ATan())),
@@ -57,6 +58,10 @@ def test_widths_and_dvs_variant():
     assert models.resnet19(width=8).head[0].out_features == 64
     m = models.vggsnn(num_classes=10, in_channels=2, width=8, dvs=True)
     assert m(torch.rand(2, 1, 2, 48, 48)).shape == (2, 1, 10)
+    assert models.convnet28(width=4).classifier.in_features == 8 * 49          # a 7×7 map of 2w channels
+    assert models.convnet(width=4).classifier.in_features == 8 * 4
+    m = models.ZOO["mlp"](num_classes=2, in_channels=8, width=2)                 # 8 features per step, 16 hidden
+    assert m(torch.rand(5, 3, 8)).shape == (5, 3, 2) and m.hidden[0].fc.out_features == 16
 
 
 def test_from_reference_spec_layouts():
