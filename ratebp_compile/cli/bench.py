@@ -23,7 +23,7 @@ import torch
 from .. import models
 from ..memory import SavedTensorMeter
 from ..options import DEFAULT_TIME_CHUNK
-from .common import (MiB, StepMemory, build_model, command_line, default_path, environment, make_runner,
+from .common import (MiB, StepMemory, build_model, command_line, default_path, environment, make_runner, pyplot,
                      pick_device, synchronize, train_step, write_json)
 from .data import CLIError
 
@@ -111,12 +111,7 @@ def table(results: List[Dict[str, Any]], variants: List[str]) -> str:
 
 
 def plot(results: List[Dict[str, Any]], variants: List[str], title: str, path: str) -> None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise CLIError("the plot needs matplotlib (pip install matplotlib)") from None
+    plt = pyplot()
     Ts = [r["T"] for r in results]
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(10, 4))
     for v in variants:

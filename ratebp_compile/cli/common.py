@@ -19,7 +19,7 @@ from .. import models
 from ..memory import LiveTensorTracker
 from .data import CLIError
 
-__all__ = ["pick_device", "build_model", "make_runner", "train_step", "Precision", "AMP_DTYPES", "StepMemory", "synchronize", "environment",
+__all__ = ["pick_device", "build_model", "make_runner", "train_step", "Precision", "AMP_DTYPES", "StepMemory", "synchronize", "environment", "pyplot",
            "write_atomically", "write_json", "ensure_parent", "default_path", "command_line", "MiB"]
 
 MiB = 2 ** 20
@@ -131,6 +131,17 @@ class StepMemory:
         else:
             self._tracker.__exit__(*exc)
             self.peak_bytes = self._tracker.peak_bytes
+
+
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (files only); a :class:`CLIError` if matplotlib is missing."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise CLIError("the plot needs matplotlib (pip install matplotlib)") from None
+    return plt
 
 
 def synchronize(device: torch.device) -> None:

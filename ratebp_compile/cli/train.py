@@ -5,7 +5,8 @@
 For each method and seed: a model from the zoo with parameters drawn from the seed, trained on the
 same batches in the same order; after every epoch, the plain SNN (eval mode) is scored on the test
 split. A progress bar shows loss, accuracy, step time and the step's peak memory; the summary
-compares the methods (means over seeds); ``--out`` gets a JSON record of everything. ``--save`` writes
+compares the methods (means over seeds); ``--out`` gets a JSON record of everything and, beside it, a PNG
+of every run's test accuracy and training loss per epoch, the methods side by side. ``--save`` writes
 a checkpoint after every epoch, replacing the previous one atomically: an interrupt (Ctrl-C) leaves the
 last completed one, and the line reporting the interrupt names it. ``--resume`` continues one from where
 it stopped, after checking that its model and optimizer states fit the model.
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import io
 import math
+import os
 import statistics
 import time
 from typing import Any, Dict, List, Optional
@@ -34,7 +36,7 @@ from .. import models
 from ..options import DEFAULT_TIME_CHUNK, METHODS
 from .checkpoint import CheckpointFile, checkpoint_path, interrupt_note, load_checkpoint, restore
 from .common import (AMP_DTYPES, MiB, Precision, StepMemory, build_model, command_line, default_path, environment,
-                     make_runner, pick_device, synchronize, train_step, write_json)
+                     make_runner, pick_device, pyplot, synchronize, train_step, write_json)
 from .data import DATASETS, ENCODINGS, CLIError, Dataset, encode, load_dataset
 from .distributed import World, join_world, launch
 from .progress import Progress
@@ -319,6 +321,37 @@ def print_summary(config, runs, summary) -> None:
         print("rate-based vs BPTT: " + ", ".join(parts))
 
 
+_LABELS = {"ratebp": ("rate-based", "tab:blue"), "bptt": ("BPTT", "tab:orange")}
+
+
+def plot_curves(runs: List[Dict[str, Any]], title: str, path: str) -> None:
+    """Test accuracy and training loss per epoch: every run faint, each method's mean over its seeds bold."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for method in METHODS:
+        mine = [r for r in runs if r["method"] == method]
+        if not mine:
+            continue
+        label, color = _LABELS[method]
+        n = min(len(r["epochs"]) for r in mine)
+        epochs = [e["epoch"] for e in mine[0]["epochs"][:n]]
+        for ax, key in zip(axes, ("test_acc", "loss")):
+            for r in mine:
+                ax.plot([e["epoch"] for e in r["epochs"]], [e[key] for e in r["epochs"]], color=color, alpha=0.3,
+                        linewidth=1)
+            ax.plot(epochs, [statistics.mean(r["epochs"][i][key] for r in mine) for i in range(n)], color=color,
+                    linewidth=2, marker="o", markersize=3, label=f"{label} (mean of {len(mine)})")
+    for ax, ylabel in zip(axes, ("test accuracy (%)", "training loss")):
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def run(args: argparse.Namespace) -> int:
     """Train every (seed, method) run, print the summary, write the record. An interrupt is raised again
     with a note of the checkpoints left on disk, if there are checkpoints."""
@@ -374,4 +407,11 @@ def _run(args: argparse.Namespace, world: World, device: torch.device) -> int:
     write_json(out, {"command": command_line(), "config": config, "environment": environment(device),
                      "runs": runs, "summary": summary})
     print(f"record: {out}")
+    png = os.path.splitext(out)[0] + ".png"
+    try:
+        plot_curves(runs, f"{config['data']} · {config['model']} · T = {config['T']} · seeds "
+                          f"{' '.join(map(str, config['seeds']))}", png)
+        print(f"plot:   {png}")
+    except CLIError as e:                     # the run is done and recorded: say why there is no plot
+        print(f"plot:   none ({e})")
     return 0

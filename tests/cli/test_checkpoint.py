@@ -90,7 +90,7 @@ def _resume_altered(ratebp_train, monkeypatch, tmp_path, checkpoint):
 ], ids=["another-model", "another-width"])
 def test_resume_refuses_the_model_state_of_another_model(ratebp_train, monkeypatch, tmp_path, trained, model,
                                                          width, message):
-    foreign = dict(trained, model=build_model(model, width, 1, 10, seed=0).state_dict())
+    foreign = dict(trained, model=build_model(model, width, (1, 8, 8), 10, seed=0).state_dict())
     code, err = _resume_altered(ratebp_train, monkeypatch, tmp_path, foreign)
     assert code == 2 and err.count("\n") == 1, err
     assert err.startswith("ratebp train: error: --resume: the checkpoint's model state does not fit convnet of "
@@ -99,7 +99,7 @@ def test_resume_refuses_the_model_state_of_another_model(ratebp_train, monkeypat
 
 def _adam_state_of_width_8(state):
     """Adam's state after one step of convnet of width 8: as many parameters, of other shapes."""
-    module = build_model("convnet", 8, 1, 10, seed=0)
+    module = build_model("convnet", 8, (1, 8, 8), 10, seed=0)
     optimizer = torch.optim.Adam(module.parameters())
     for p in module.parameters():
         p.grad = torch.zeros_like(p)

@@ -42,6 +42,8 @@ def test_both_methods_compare(ratebp_train, tmp_path):
     record = json.loads(out.read_text())
     assert [r["method"] for r in record["runs"]] == ["ratebp", "bptt"]
     assert {"accuracy_gap_points", "step_time_ratio", "peak_memory_ratio"} <= set(record["summary"])
+    png = out.with_suffix(".png")                  # per-epoch curves of both methods beside the record
+    assert f"plot:   {png}" in stdout and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_resume_continues_the_run_exactly(ratebp_train, tmp_path):

@@ -20,7 +20,8 @@ def test_two_processes_equal_one_with_the_whole_batch(ratebp_train, tmp_path):
     code, stdout, err = ratebp_train(*ARGS, "--nproc", "2", "--batch-size", "32", "--sync-bn", "--out", str(two),
                                      "--save", str(ckpt))
     assert code == 0, err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["two.json", "two.pt"]      # one record, one checkpoint
+    # one record (with its plot) and one checkpoint, written by rank 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["two.json", "two.png", "two.pt"]
     code, _, err = ratebp_train(*ARGS, "--batch-size", "64", "--out", str(one))
     assert code == 0, err
     a, b = (json.loads(p.read_text()) for p in (two, one))
