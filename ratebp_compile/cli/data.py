@@ -14,11 +14,15 @@
   channels fires first. A method that learns from firing rates alone cannot tell the classes apart.
 - ``mnist``, ``fashion-mnist``, ``cifar10``: through torchvision, from ``--data-dir`` (never downloaded
   here: a clear error says how to get them).
+- ``tonic:NMNIST``, ``tonic:DVSGesture``, ``tonic:CIFAR10DVS``: event-camera recordings through tonic, from
+  ``--data-dir``, binned into T frames (``events.py``).
 
 Images are float tensors ``[N, C, H, W]`` in [0, 1]. ``encode`` turns a batch into ``[T, B, C, H, W]``:
 ``direct`` feeds the same frame at every step, ``poisson`` draws Bernoulli spikes with the pixel value
 as the probability at each step. Sequences (``Dataset.steps`` set) are ``[N, L, C]``: ``encode`` feeds
-them as they are, ``[T, B, (L/T)·C]`` (T must divide L: each step takes L/T consecutive samples).
+them as they are, ``[T, B, (L/T)·C]`` (T must divide L: each step takes L/T consecutive samples). Frames
+(``Dataset.frames``: event-camera data, already binned into T frames) are ``[N, T, P, H, W]`` and become
+``[T, B, P, H, W]``.
 """
 from __future__ import annotations
 
@@ -29,7 +33,8 @@ import torch
 
 __all__ = ["Dataset", "DATASETS", "ENCODINGS", "load_dataset", "encode", "CLIError"]
 
-DATASETS = ("digits", "mnist5k", "mnist1d", "synthetic", "timing", "mnist", "fashion-mnist", "cifar10")
+DATASETS = ("digits", "mnist5k", "mnist1d", "synthetic", "timing", "mnist", "fashion-mnist", "cifar10",
+            "tonic:NMNIST", "tonic:DVSGesture", "tonic:CIFAR10DVS")
 ENCODINGS = ("direct", "poisson")
 SPLIT_SEED = 0          # the train/test split of digits and synthetic does not depend on the run's seed
 
@@ -46,7 +51,8 @@ class Dataset:
     test_x: torch.Tensor
     test_y: torch.Tensor
     num_classes: int
-    steps: Optional[int] = None         # a sequence dataset: its length L (samples [L, C])
+    steps: Optional[int] = None         # a sequence dataset: its length L (samples [L, C] or frames [L, P, H, W])
+    frames: bool = False                # samples are frames [L, P, H, W] (event-camera data binned into L = T)
 
     @property
     def in_channels(self) -> int:
@@ -56,6 +62,8 @@ class Dataset:
         """The shape of one timestep's input: ``(C, H, W)`` of an image, ``((L/T)·C,)`` of a sequence."""
         if self.steps is None:
             return tuple(self.train_x.shape[1:])
+        if self.frames:
+            return tuple(self.train_x.shape[2:])
         return ((self.steps // T) * self.train_x.shape[2],)
 
     def check_steps(self, T: int) -> None:
@@ -204,8 +212,12 @@ def _torchvision(name: str, data_dir: Optional[str]) -> Dataset:
     return Dataset(name, train_x, train_y, test_x, test_y, num_classes=10)
 
 
-def load_dataset(name: str, data_dir: Optional[str] = None) -> Dataset:
-    """The dataset ``name`` (one of ``DATASETS``); raises :class:`CLIError` with a one-line reason."""
+def load_dataset(name: str, data_dir: Optional[str] = None, T: Optional[int] = None) -> Dataset:
+    """The dataset ``name`` (one of ``DATASETS``; an event dataset binned into ``T`` frames); raises
+    :class:`CLIError` with a one-line reason."""
+    if name.startswith("tonic:"):
+        from .events import load_tonic
+        return load_tonic(name[len("tonic:"):], data_dir, T or 1)
     if name == "digits":
         return _digits()
     if name == "mnist5k":
@@ -226,7 +238,7 @@ def encode(x: torch.Tensor, T: int, encoding: str, generator: Optional[torch.Gen
     """``[B, C, H, W]`` images in [0, 1] → the input sequence ``[T, B, C, H, W]``; ``[B, L, C]`` sequences
     (``steps`` = L) → ``[T, B, (L/T)·C]``, whatever the encoding."""
     if steps is not None:
-        return x.reshape(x.shape[0], T, -1).transpose(0, 1)
+        return x.transpose(0, 1) if x.dim() == 5 else x.reshape(x.shape[0], T, -1).transpose(0, 1)
     if encoding == "direct":
         return x.unsqueeze(0).expand(T, *x.shape)
     if encoding == "poisson":

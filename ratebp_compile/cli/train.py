@@ -71,7 +71,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     data = p.add_argument_group("data")
     data.add_argument("--data", choices=DATASETS, help=f"dataset (default {d['data']}: scikit-learn's 8x8 digits, "
                                                        f"offline)")
-    data.add_argument("--data-dir", help="where torchvision keeps mnist / fashion-mnist / cifar10")
+    data.add_argument("--data-dir", help="where torchvision keeps mnist / fashion-mnist / cifar10, or tonic its "
+                                         "event-camera datasets")
     data.add_argument("--encoding", choices=ENCODINGS,
                       help=f"direct: the image at every step; poisson: Bernoulli spikes (default {d['encoding']})")
     opt = p.add_argument_group("optimization")
@@ -381,7 +382,7 @@ def _without_nproc(argv: List[str]) -> List[str]:
 def _run(args: argparse.Namespace, world: World, device: torch.device) -> int:
     checkpoint = load_checkpoint(args.resume) if args.resume else None
     config = _resolve(args, checkpoint, world)
-    data = load_dataset(config["data"], config["data_dir"])
+    data = load_dataset(config["data"], config["data_dir"], config["T"])
     data.check_steps(config["T"])
     methods = list(METHODS) if config["method"] == "both" else [config["method"]]
     several = len(methods) * len(config["seeds"]) > 1
