@@ -61,8 +61,22 @@ class FakeNMNIST:
         return len(self.targets)
 
 
+class FakeCIFAR10DVS(FakeNMNIST):
+    """A dataset tonic gives without a train/test split (and on a 128×128 sensor)."""
+
+    sensor_size = (128, 128, 2)
+
+    def __init__(self, save_to):
+        self.train = True
+        self.targets = [i % 10 for i in range(100)]
+
+    def __getitem__(self, i):
+        return _stream(60, size=128, seed=i), self.targets[i]
+
+
 class _Datasets:
     NMNIST = FakeNMNIST
+    CIFAR10DVS = FakeCIFAR10DVS
 
 
 def test_frames_are_made_per_batch():
@@ -75,6 +89,15 @@ def test_frames_are_made_per_batch():
     assert data.name == "tonic:NMNIST" and data.frames and data.steps == 5 and data.step_shape(5) == (2, 34, 34)
     assert len(data.train_y) == 40 and len(data.test_y) == 12 and data.num_classes == 10
     assert encode(data.train_x[torch.tensor([0, 1, 2])], 5, "direct", steps=5).shape == (5, 3, 2, 34, 34)
+
+
+def test_a_dataset_without_a_split_gets_a_fixed_stratified_one():
+    data = load_tonic("CIFAR10DVS", "unused", T=2, datasets=_Datasets)
+    assert data.train_y.bincount().tolist() == [9] * 10 and data.test_y.bincount().tolist() == [1] * 10
+    assert not set(data.train_x.indices) & set(data.test_x.indices)
+    assert data.step_shape(2) == (2, 48, 48) and data.test_x[0:2].shape == (2, 2, 2, 48, 48)
+    again = load_tonic("CIFAR10DVS", "unused", T=2, datasets=_Datasets)
+    assert again.test_x.indices == data.test_x.indices
 
 
 def test_missing_files_are_never_downloaded(tmp_path):
