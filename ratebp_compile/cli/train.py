@@ -150,19 +150,28 @@ def _schedule(config, optimizer, steps_per_epoch: int):
     return None
 
 
+def _draws_noise(config, data: Dataset) -> bool:
+    """Whether encoding the data draws random numbers (Poisson-encoded images): every process then encodes
+    whole batches, so that each draws what one process would."""
+    return config["encoding"] == "poisson" and data.steps is None
+
+
 @torch.no_grad()
 def evaluate(model, data: Dataset, config, device, world: World = World()) -> float:
     """Test accuracy (%) of the plain SNN in eval mode, classes from the time-mean logits; the processes
-    share the test batches (each encodes them all, so the input noise is that of one process), with rank
-    0's buffers."""
+    share the test batches (each encodes them all when that draws noise, so the noise is one process's), with
+    rank 0's buffers."""
     world.broadcast_buffers(model)
     model.eval()
     correct = 0
     gen = torch.Generator().manual_seed(12345)
     for j, start in enumerate(range(0, len(data.test_y), config["eval_batch_size"])):
+        mine = j % world.size == world.rank
+        if not (mine or _draws_noise(config, data)):
+            continue
         x = data.test_x[start:start + config["eval_batch_size"]]
         x = encode(x, config["T"], config["encoding"], gen, data.steps).to(device)
-        if j % world.size != world.rank:
+        if not mine:
             continue
         y = data.test_y[start:start + config["eval_batch_size"]].to(device)
         correct += (model(x).mean(0).argmax(1) == y).sum().item()
@@ -217,8 +226,11 @@ def train_run(config, data: Dataset, method: str, seed: int, device, checkpoint=
         epoch_start = time.perf_counter()
         for i in range(steps_per_epoch):
             idx = order[i * whole:(i + 1) * whole]
-            x = encode(data.train_x[idx], config["T"], config["encoding"], noise, data.steps)[:, mine].to(device)
-            y = data.train_y[idx][mine].to(device)
+            if _draws_noise(config, data):      # the noise one process would draw for the whole batch, then a share
+                x = encode(data.train_x[idx], config["T"], config["encoding"], noise)[:, mine]
+            else:
+                x = encode(data.train_x[idx[mine]], config["T"], config["encoding"], noise, data.steps)
+            x, y = x.to(device), data.train_y[idx[mine]].to(device)
             start = time.perf_counter()
             if step == 1 and record["peak_MiB"] is None:       # memory of the second step (not timed)
                 with StepMemory(device) as mem:
