@@ -355,6 +355,18 @@ def _expand_rewrites(gm: fx.GraphModule) -> Dict[nn.Module, Set[str]]:
     return reads
 
 
+#: The settings of an ``nn.SyncBatchNorm`` the programs specialise on (its tensors are read when the step runs).
+_SYNCBATCHNORM_SETTINGS = frozenset({"eps", "momentum", "process_group", "track_running_stats"})
+
+
+def _syncbatchnorm_reads(gm: fx.GraphModule) -> Dict[nn.Module, Set[str]]:
+    """The settings of each ``nn.SyncBatchNorm`` Dynamo calls as a module (``dynamo_neurons``): Dynamo, which does
+    not trace its forward, does not guard them, and the ``sync_batchnorm`` pass reads them."""
+    return {m: set(_SYNCBATCHNORM_SETTINGS) for m in (gm.get_submodule(n.target) for n in gm.graph.nodes
+                                                       if n.op == "call_module")
+            if isinstance(m, nn.SyncBatchNorm)}
+
+
 def _module_guards(gm: fx.GraphModule, reads: Dict[nn.Module, Set[str]]) -> Optional[Guards]:
     """Guards on the modules ``gm`` calls (``dynamo_neurons``), checked with ``check_neurons`` and
     ``check_attributes``: the neurons' specs and hooks, the state of those called without one (it must stay
@@ -404,7 +416,7 @@ class RateBPCompiledFunction:
 
     def _build(self, args: List[Any], sig: tuple) -> Program:
         gm = snapshot(self.gm)
-        self.guards = _module_guards(gm, _expand_rewrites(gm))
+        self.guards = _module_guards(gm, {**_expand_rewrites(gm), **_syncbatchnorm_reads(gm)})
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         _specialise_scalars(gm, args, self.scalars)
         gm.meta["ratebp.model"] = "torch.compile graph"
