@@ -23,8 +23,8 @@ import torch
 from .. import models
 from ..memory import SavedTensorMeter
 from ..options import DEFAULT_TIME_CHUNK
-from .common import (MiB, StepMemory, build_model, command_line, default_path, environment, make_runner, pyplot,
-                     pick_device, synchronize, train_step, write_json)
+from .common import (MiB, StepMemory, build_model, command_line, default_path, environment, finish_figure,
+                     make_runner, pick_device, pyplot, synchronize, train_step, write_json)
 from .data import CLIError
 
 
@@ -120,17 +120,11 @@ def plot(results: List[Dict[str, Any]], variants: List[str], title: str, path: s
         peaks = [(T, r[v]["peak_MiB"]) for T, r in zip(Ts, results) if r[v]["peak_MiB"] is not None]
         if peaks:
             ax_m.plot(*zip(*peaks), label=v, **style)
-    for ax, ylabel in ((ax_t, "training step (ms, median)"), (ax_m, "peak memory of a step (MiB)")):
+    for ax in (ax_t, ax_m):
         ax.set_xscale("log", base=2)
         ax.set_xticks(Ts, [str(T) for T in Ts])
-        ax.set_xlabel("timesteps T")
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    finish_figure(plt, fig, (ax_t, ax_m), "timesteps T", ("training step (ms, median)", "peak memory of a step (MiB)"),
+                  title, path)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -19,7 +19,7 @@ from .. import models
 from ..memory import LiveTensorTracker
 from .data import CLIError
 
-__all__ = ["pick_device", "build_model", "make_runner", "train_step", "Precision", "AMP_DTYPES", "StepMemory", "synchronize", "environment", "pyplot",
+__all__ = ["pick_device", "build_model", "make_runner", "train_step", "Precision", "AMP_DTYPES", "StepMemory", "synchronize", "environment", "pyplot", "finish_figure",
            "write_atomically", "write_json", "ensure_parent", "default_path", "command_line", "MiB"]
 
 MiB = 2 ** 20
@@ -142,6 +142,19 @@ def pyplot():
     except ImportError:
         raise CLIError("the plot needs matplotlib (pip install matplotlib)") from None
     return plt
+
+
+def finish_figure(plt, fig, axes, xlabel: str, ylabels, title: str, path: str) -> None:
+    """Label, grid and legend each of ``axes``, title the figure and write it to ``path`` (PNG)."""
+    for ax, ylabel in zip(axes, ylabels):
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def synchronize(device: torch.device) -> None:

@@ -36,7 +36,7 @@ from .. import models
 from ..options import DEFAULT_TIME_CHUNK, METHODS
 from .checkpoint import CheckpointFile, checkpoint_path, interrupt_note, load_checkpoint, restore
 from .common import (AMP_DTYPES, MiB, Precision, StepMemory, build_model, command_line, default_path, environment,
-                     make_runner, pick_device, pyplot, synchronize, train_step, write_json)
+                     finish_figure, make_runner, pick_device, pyplot, synchronize, train_step, write_json)
 from .data import DATASETS, ENCODINGS, CLIError, Dataset, encode, load_dataset
 from .distributed import World, join_world, launch
 from .progress import Progress
@@ -357,15 +357,7 @@ def plot_curves(runs: List[Dict[str, Any]], title: str, path: str) -> None:
                         linewidth=1)
             ax.plot(epochs, [statistics.mean(r["epochs"][i][key] for r in mine) for i in range(n)], color=color,
                     linewidth=2, marker="o", markersize=3, label=f"{label} (mean of {len(mine)})")
-    for ax, ylabel in zip(axes, ("test accuracy (%)", "training loss")):
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    finish_figure(plt, fig, axes, "epoch", ("test accuracy (%)", "training loss"), title, path)
 
 
 def run(args: argparse.Namespace) -> int:
