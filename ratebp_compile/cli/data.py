@@ -31,7 +31,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["Dataset", "DATASETS", "ENCODINGS", "load_dataset", "encode", "CLIError"]
+__all__ = ["Dataset", "DATASETS", "ENCODINGS", "load_dataset", "encode", "stratified_split", "timing_task", "CLIError"]
 
 DATASETS = ("digits", "mnist5k", "mnist1d", "synthetic", "timing", "mnist", "fashion-mnist", "cifar10",
             "tonic:NMNIST", "tonic:DVSGesture", "tonic:CIFAR10DVS")
@@ -94,16 +94,16 @@ def _digits() -> Dataset:
     return Dataset("digits", *_split(x, y, 0.2), num_classes=10)
 
 
-def _stratified_split(x: torch.Tensor, y: torch.Tensor, test_per_class: int):
-    """A fixed split with ``test_per_class`` test samples of every class, drawn once (``SPLIT_SEED``)."""
+def stratified_split(y: torch.Tensor, test_fraction: float):
+    """A fixed split (``SPLIT_SEED``) of the samples labelled ``y``: ``(train, test)`` indices, the test set
+    ``test_fraction`` of every class, the training set shuffled."""
     g = torch.Generator().manual_seed(SPLIT_SEED)
-    test = torch.cat([idx[torch.randperm(len(idx), generator=g)[:test_per_class]]
+    test = torch.cat([idx[torch.randperm(len(idx), generator=g)[:int(round(len(idx) * test_fraction))]]
                       for idx in (torch.nonzero(y == c).flatten() for c in torch.unique(y))])
     mask = torch.ones(len(y), dtype=torch.bool)
     mask[test] = False
     train = torch.nonzero(mask).flatten()
-    train = train[torch.randperm(len(train), generator=g)]
-    return x[train], y[train], x[test], y[test]
+    return train[torch.randperm(len(train), generator=g)], test
 
 
 def _mnist5k() -> Dataset:
@@ -124,7 +124,8 @@ def _mnist5k() -> Dataset:
         table = np.loadtxt(text, delimiter=",", dtype=np.float32)      # 784 pixels, then the label
     x = torch.from_numpy(table[:, :-1]).reshape(-1, 1, 28, 28) / 255.0
     y = torch.from_numpy(table[:, -1]).long()
-    return Dataset("mnist5k", *_stratified_split(x, y, 100), num_classes=10)
+    train, test = stratified_split(y, 0.2)                     # 400 / 100 images per class
+    return Dataset("mnist5k", x[train], y[train], x[test], y[test], num_classes=10)
 
 
 def _mnist1d() -> Dataset:

@@ -20,7 +20,7 @@ from typing import Any, Optional, Sequence, Tuple
 
 import torch
 
-from .data import SPLIT_SEED, CLIError, Dataset
+from .data import CLIError, Dataset, stratified_split
 
 __all__ = ["TONIC_DATASETS", "EventFrames", "bin_events", "load_tonic"]
 
@@ -83,19 +83,6 @@ class EventFrames:
         return torch.stack([self._frames(i) for i in positions]) if len(positions) else torch.empty(0, *self.shape[1:])
 
 
-def _split(targets: torch.Tensor, test_fraction: float):
-    g = torch.Generator().manual_seed(SPLIT_SEED)
-    test = []
-    for c in targets.unique():
-        members = torch.nonzero(targets == c).flatten()
-        members = members[torch.randperm(len(members), generator=g)]
-        test.append(members[:int(round(len(members) * test_fraction))])
-    test = torch.cat(test)
-    mask = torch.ones(len(targets), dtype=torch.bool)
-    mask[test] = False
-    return torch.nonzero(mask).flatten().tolist(), test.sort().values.tolist()
-
-
 def load_tonic(name: str, data_dir: Optional[str], T: int, datasets=None) -> Dataset:
     """``tonic:<name>`` from ``data_dir``, binned into ``T`` frames (``datasets``: where the classes are looked
     up, ``tonic.datasets`` by default)."""
@@ -118,7 +105,7 @@ def load_tonic(name: str, data_dir: Optional[str], T: int, datasets=None) -> Dat
     else:
         train = test = cls(save_to=data_dir)
         targets = torch.as_tensor(train.targets, dtype=torch.long)
-        train_idx, test_idx = _split(targets, 0.1)
+        train_idx, test_idx = (i.tolist() for i in stratified_split(targets, 0.1))
         train_y, test_y = targets[train_idx], targets[test_idx]
     sensor = tuple(base.sensor_size)
     return Dataset(f"tonic:{name}", EventFrames(train, train_idx, sensor, source.size, T), train_y,
