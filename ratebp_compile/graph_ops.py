@@ -101,7 +101,7 @@ def chunk_batch_norm_(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Opt
                       mean: torch.Tensor, var: torch.Tensor, eps: float) -> torch.Tensor:
     """:func:`chunk_batch_norm` in place, on an ``x`` nothing else reads: x·s + (β − mean·s) with
     s = γ/√(var + ε)."""
-    shape = [1, x.shape[1]] + [1] * (x.dim() - 2)
+    shape = _channel_shape(x)
     scale = (var + eps).rsqrt()
     if weight is not None:
         scale = scale * weight
