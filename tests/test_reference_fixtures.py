@@ -39,7 +39,7 @@ def _load(path):
 def _assert_fixture_close(ours, ref, what, scale=None):
     """The fixtures' criterion: |ours - ref| <= ATOL + RTOL * scale, the scale being max|ref| unless given."""
     bound = FIXTURE_ATOL + FIXTURE_RTOL * (ref.abs().max().item() if scale is None else scale)
-    err = (ours - ref).abs().max().item()
+    err = (ours.detach().cpu() - ref).abs().max().item()
     assert err <= bound, f"{what}: max error {err:.3e} > {bound:.3e}"
 
 
@@ -75,15 +75,27 @@ def _assert_step_matches(blob, meta, model, out, key):
         if b.dtype.is_floating_point:
             _assert_fixture_close(b, ref, name)
         else:
-            assert torch.equal(b, ref), name
+            assert torch.equal(b.cpu(), ref), name
 
 
 def _kernel_paths():
-    """Where the fused ops run: the Triton kernels (on GPU, or interpreted on CPU) and, on CPU, also
-    the ops' PyTorch reference."""
+    """Where the fused ops run: their PyTorch reference on CPU, and the Triton kernels — compiled for the
+    GPU, model and data moved there ("cuda"), or interpreted on CPU ("kernels")."""
     if not kernels.triton_available():
         return ["cpu-reference"]
-    return ["kernels"] if torch.cuda.is_available() else ["kernels", "cpu-reference"]
+    return ["cpu-reference", "cuda"] if torch.cuda.is_available() else ["kernels", "cpu-reference"]
+
+
+def _to(blob, model, device, monkeypatch):
+    """The fixture's inputs and the model on ``device`` (the references stay on CPU). On CUDA, convolutions
+    and matrix products in full float32: TF32 (cuDNN's default for convolutions) rounds their inputs to 10
+    bits of mantissa, which flips spikes near the threshold."""
+    if device == "cuda":
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    model.to(device)
+    for key in ("x_seq", "x_seq_given", "y"):
+        blob[key] = blob[key].to(device)
 
 
 @pytest.mark.parametrize("kernel_path", _kernel_paths())
@@ -93,6 +105,8 @@ def test_one_training_step_matches_the_authors(path, method, kernel_path, monkey
     if kernel_path == "cpu-reference":
         monkeypatch.setattr(kernels.lif, "_INTERPRET", False)
     blob, meta, model = _load(path)
+    if kernel_path == "cuda":
+        _to(blob, model, "cuda", monkeypatch)
     key = "rate" if method == "ratebp" else "bptt"
     tm = rc.transform(model, method=method).train()
     out = tm(blob["x_seq"])
@@ -106,11 +120,13 @@ def test_one_training_step_matches_the_authors(path, method, kernel_path, monkey
 STREAMABLE = [p for p in FILES if _T(p) >= 3]
 
 
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
 @pytest.mark.parametrize("path", STREAMABLE, ids=[p.stem for p in STREAMABLE])
-def test_streamed_spike_pass_matches_the_authors(path):
+def test_streamed_spike_pass_matches_the_authors(path, device, monkeypatch):
     """The spike pass run over chunks of 2 steps (BatchNorm statistics from their own pass, 1-byte
     spikes) gives the authors' gradients too."""
     blob, meta, model = _load(path)
+    _to(blob, model, device, monkeypatch)
     tm = rc.transform(model, time_chunk=2).train()
     _assert_step_matches(blob, meta, model, tm(blob["x_seq"]), "rate")
     assert tm.compiled.step.meta["ratebp.streamed"].startswith("in chunks of at most 2")
