@@ -12,14 +12,16 @@ training step, transients of the forward included.
 """
 from __future__ import annotations
 
-from typing import Dict
+import os
+from typing import Dict, Optional
 
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-__all__ = ["SavedTensorMeter", "LiveTensorTracker", "saved_bytes_on_fake"]
+__all__ = ["SavedTensorMeter", "LiveTensorTracker", "saved_bytes_on_fake", "graph_peak_bytes", "device_memory_bytes",
+           "format_bytes"]
 
 
 class SavedTensorMeter:
@@ -107,3 +109,75 @@ def saved_bytes_on_fake(gm, args) -> int:
         gm(*[fake(a) if isinstance(a, torch.Tensor) else a for a in args])
     return meter.bytes
 
+
+
+def _storages(val) -> Dict[int, torch.Tensor]:
+    """``{storage id: tensor}`` of the tensors in a node's ``meta["val"]``."""
+    return {t.untyped_storage()._cdata: t for t in tree_leaves(val) if isinstance(t, torch.Tensor)}
+
+
+def graph_peak_bytes(gm, transient=None, resize=None) -> int:
+    """The peak bytes of tensor storage a graph creates while it runs, from its nodes' ``meta["val"]``
+    (no compute): each storage a node creates is alive from that node to the last node that reads it or
+    a view of it; the graph's outputs stay alive to the end; inputs and attributes do not count.
+    ``transient(node)`` adds what a node needs while it runs besides its output (an op's scratch);
+    ``resize(node, tensor)`` replaces the bytes of a tensor's storage the node creates (to model another
+    schedule of the same graph).
+
+    An estimate for planning (``passes.stream_time``): what ``LiveTensorTracker`` measures when the
+    graph runs, as far as the nodes' values and ``transient`` describe the ops."""
+    nodes = list(gm.graph.nodes)
+    given = set()
+    for node in nodes:
+        if node.op in ("placeholder", "get_attr"):
+            given.update(_storages(node.meta.get("val")))
+    last: Dict[int, int] = {}         # storage -> index of the last node reading it
+    size: Dict[int, int] = {}
+    for i, node in enumerate(nodes):
+        if node.op == "output":
+            for a in node.all_input_nodes:
+                for key in _storages(a.meta.get("val")):
+                    last[key] = len(nodes)
+            continue
+        for key, t in _storages(node.meta.get("val")).items():
+            if key not in given and key not in size:
+                size[key] = t.untyped_storage().nbytes() if resize is None else resize(node, t)
+                last[key] = max(last.get(key, i), i)
+        for a in node.all_input_nodes:
+            for key in _storages(a.meta.get("val")):
+                if key in size:
+                    last[key] = max(last[key], i)
+    alive: Dict[int, int] = {}
+    current = peak = 0
+    for i, node in enumerate(nodes):
+        for key in _storages(node.meta.get("val")):
+            if key in size and key not in alive:
+                alive[key] = size[key]
+                current += size[key]
+        extra = transient(node) if transient is not None and node.op != "output" else 0
+        peak = max(peak, current + extra)
+        for key in [k for k in alive if last[k] == i]:
+            current -= alive.pop(key)
+    return peak
+
+
+def device_memory_bytes(device: torch.device) -> Optional[int]:
+    """The memory of ``device``: a CUDA device's total, the machine's physical memory for the CPU; None
+    where unknown."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    if device.type == "cpu":
+        try:
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):
+            return None
+    return None
+
+
+def format_bytes(nbytes: int) -> str:
+    """``nbytes`` for people: "512 B", "3.2 KiB", "40 MiB", "12 GiB" (powers of 1024; three digits at most)."""
+    for unit, scale in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
+        if nbytes >= scale:
+            value = nbytes / scale
+            return f"{value:.1f} {unit}" if value < 10 else f"{value:.0f} {unit}"
+    return f"{nbytes} B"
