@@ -17,7 +17,7 @@ break) or that has no neurons is refused with the break's cause and source line.
 
 Options (``options.StepOptions``, parsed there): ``compiler``, ``method`` ("ratebp" | "bptt"),
 ``input_layout`` (as for ``transform``; module parameters and buffers are always static), ``grad_scale``
-("bptt" | "upstream"), ``time_chunk``, ``cache_size`` and ``sync_batchnorm`` (as for ``transform``; the
+("bptt" | "upstream"), ``memory_budget``, ``time_chunk``, ``cache_size`` and ``sync_batchnorm`` (as for ``transform``; the
 BatchNorms of Dynamo's graph are ``F.batch_norm`` calls, which it synchronises). A transformed module
 brings its own settings: when Dynamo traces it, it traces the user's model with those settings and the
 step it decided on marked on its inputs (``marks.step_settings``). Dynamo guards the model; a Python number
@@ -171,8 +171,8 @@ def _complete_outputs(gm: fx.GraphModule) -> None:
 
 
 def _read_marks(gm: fx.GraphModule) -> Tuple[Dict[fx.Node, tuple], List[bool]]:
-    """Remove the ``marks`` from ``gm``: returns ``{marked placeholder: (layout, step, grad_scale, time_chunk,
-    cache_size, sync_batchnorm)}`` of a transformed module's inputs and the training flags of the neurons."""
+    """Remove the ``marks`` from ``gm``: returns ``{marked placeholder: (layout, step, grad_scale, memory_budget,
+    time_chunk, cache_size, sync_batchnorm)}`` of a transformed module's inputs and the training flags of the neurons."""
     settings, modes = {}, [m.training for m in _neuron_modules(gm)]
     for node in list(gm.graph.nodes):
         if node.op == "call_function" and node.target in (step_settings, neuron_mode):
@@ -453,10 +453,10 @@ def ratebp_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: O
     _reuse_state_tuples(gm)
     _complete_outputs(gm)
     if settings:            # a transformed module: its settings, and the step it decided on
-        _, kind, grad_scale, time_chunk, cache_size, sync_batchnorm = next(iter(settings.values()))
+        _, kind, grad_scale, memory_budget, time_chunk, cache_size, sync_batchnorm = next(iter(settings.values()))
         if kind != "plain":
-            opts = opts.replace(method=kind, grad_scale=grad_scale, time_chunk=time_chunk, cache_size=cache_size,
-                                sync_batchnorm=sync_batchnorm)
+            opts = opts.replace(method=kind, grad_scale=grad_scale, memory_budget=memory_budget, time_chunk=time_chunk,
+                                cache_size=cache_size, sync_batchnorm=sync_batchnorm)
     else:
         kind = step_kind(opts.method, _training(gm, modes), torch.is_grad_enabled())
     if kind == "plain":

@@ -7,7 +7,7 @@
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensor
@@ -18,8 +18,8 @@ __all__ = ["step_settings", "neuron_mode"]
 
 
 @torch._dynamo.allow_in_graph
-def step_settings(x: torch.Tensor, layout: str, step: str, grad_scale: str, time_chunk: Optional[int],
-                  cache_size: int, sync_batchnorm: Optional[str]) -> torch.Tensor:
+def step_settings(x: torch.Tensor, layout: str, step: str, grad_scale: str, memory_budget: Union[int, float, None],
+                  time_chunk: Optional[int], cache_size: int, sync_batchnorm: Optional[str]) -> torch.Tensor:
     """Marks a transformed module's input with its settings and the step a call runs ("ratebp", "bptt" or
     "plain"). Dynamo runs this on fake tensors; anything else running it means another backend compiled
     a transformed module."""

@@ -13,15 +13,16 @@ from typing import Any, List, Mapping, Optional, Sequence, Tuple, Union
 from .collectives import group_key
 from .errors import RateBPError
 
-__all__ = ["StepOptions", "step_kind", "METHODS", "GRAD_SCALES", "COMPILERS", "LAYOUTS", "DEFAULT_TIME_CHUNK",
-           "DEFAULT_CACHE_SIZE"]
+__all__ = ["StepOptions", "step_kind", "parse_memory_budget", "budget_bytes", "METHODS", "GRAD_SCALES", "COMPILERS",
+           "LAYOUTS", "DEFAULT_MEMORY_BUDGET", "DEFAULT_CACHE_SIZE"]
 
 METHODS = ("ratebp", "bptt")
 GRAD_SCALES = ("bptt", "upstream")
 COMPILERS = ("inductor", "aot_eager", "eager")
 LAYOUTS = ("TB", "T*B", "static")
-#: Steps per chunk of the streamed spike pass unless the user says otherwise: T up to 8 runs at once.
-DEFAULT_TIME_CHUNK = 8
+#: The spike pass may take this fraction of its device's memory before it is streamed over chunks of time.
+DEFAULT_MEMORY_BUDGET = 0.25
+_UNITS = {"": 1, "k": 2 ** 10, "m": 2 ** 20, "g": 2 ** 30, "t": 2 ** 40}
 #: Programs kept per model (one per input signature, grad mode, autocast state and module modes).
 DEFAULT_CACHE_SIZE = 8
 
@@ -29,6 +30,41 @@ DEFAULT_CACHE_SIZE = 8
 def _choice(name: str, value: Any, allowed: Sequence[str]) -> None:
     if value not in allowed:
         raise RateBPError(f"{name} must be one of {tuple(allowed)}, got {value!r}")
+
+
+def _memory_budget(value: Any) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0 or \
+            (isinstance(value, float) and value > 1):
+        raise RateBPError(f"memory_budget must be bytes (an int ≥ 1), a fraction of the device's memory (a float in "
+                          f"(0, 1]) or None, got {value!r}")
+
+
+def parse_memory_budget(text: str) -> Union[int, float, None]:
+    """A memory budget as written on a command line: bytes with an optional unit ("512M", "2G", "1.5g";
+    powers of 1024), a fraction of the device's memory ("0.25"), or "none"."""
+    value = text.strip().lower()
+    if value == "none":
+        return None
+    unit = value[-1] if value and value[-1] in "kmgt" else ""
+    try:
+        number = float(value[:-1] if unit else value)
+        if not (unit or number <= 1 or number.is_integer()):
+            raise ValueError
+    except ValueError:
+        raise RateBPError(f"memory budget {text!r}: expected bytes (e.g. 512M, 2G, 1000000), a fraction of the "
+                          f"device's memory (e.g. 0.25) or 'none'") from None
+    budget = int(number * _UNITS[unit]) if unit or number > 1 else number
+    _memory_budget(budget)
+    return budget
+
+
+def budget_bytes(budget: Union[int, float, None], device_bytes: int) -> Optional[int]:
+    """The budget in bytes on a device of ``device_bytes``: itself, or its fraction of them; None: none."""
+    if budget is None:
+        return None
+    return int(budget * device_bytes) if isinstance(budget, float) else budget
 
 
 def _positive_int(name: str, value: Any, optional: bool) -> None:
@@ -47,7 +83,11 @@ class StepOptions:
                   "static" (no time axis).
     grad_scale:   "bptt" (gradients at BPTT's scale) or "upstream" (also divided by T, as the paper
                   authors' code does).
-    time_chunk:   for T above it the spike pass runs over chunks of at most this many steps; None: never.
+    memory_budget: what the spike pass may take (the peak of the tensors it creates): bytes, or a fraction of
+                  its device's memory; when its estimate for all T steps at once exceeds the budget, the pass is
+                  streamed over the largest chunks of time that fit. None: never streamed.
+    time_chunk:   run the spike pass over chunks of at most this many steps whatever its memory (overrides
+                  ``memory_budget``); None: as the budget decides.
     cache_size:   compiled programs kept per model; the least recently used is dropped beyond it.
     compiler:     the ``torch.compile`` backend only: what compiles the spike and rate graphs
                   ("inductor", "aot_eager" or "eager").
@@ -59,7 +99,8 @@ class StepOptions:
     method: str = "ratebp"
     input_layout: Union[str, Tuple[str, ...]] = "TB"
     grad_scale: str = "bptt"
-    time_chunk: Optional[int] = DEFAULT_TIME_CHUNK
+    memory_budget: Union[int, float, None] = DEFAULT_MEMORY_BUDGET
+    time_chunk: Optional[int] = None
     cache_size: int = DEFAULT_CACHE_SIZE
     compiler: str = "inductor"
     sync_batchnorm: Any = None
@@ -68,6 +109,7 @@ class StepOptions:
         _choice("method", self.method, METHODS)
         _choice("grad_scale", self.grad_scale, GRAD_SCALES)
         _choice("compiler", self.compiler, COMPILERS)
+        _memory_budget(self.memory_budget)
         _positive_int("time_chunk", self.time_chunk, optional=True)
         _positive_int("cache_size", self.cache_size, optional=False)
         layouts = (self.input_layout,) if isinstance(self.input_layout, str) else self.input_layout

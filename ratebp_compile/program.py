@@ -17,7 +17,7 @@ from .options import StepOptions
 from .passes import BPTT_PIPELINE, PIPELINE, PassRecord, run_pipeline
 from .passes.build_spike_graph import SOURCE, STATISTICS, Statistic
 from .passes.infra import snapshot
-from .passes.stream_time import TIME_CHUNK
+from .passes.stream_time import MEMORY_BUDGET, TIME_CHUNK
 from .passes.sync_batchnorm import SYNC_GROUP
 
 __all__ = ["Program", "Statistic", "compile_program"]
@@ -73,6 +73,7 @@ def compile_program(gm: fx.GraphModule, options: StepOptions, input_layouts: Seq
     gm.meta["ratebp.input_layouts"] = list(input_layouts)
     gm.meta["ratebp.upstream_grad_scale"] = options.grad_scale == "upstream"
     gm.meta[TIME_CHUNK] = options.time_chunk
+    gm.meta[MEMORY_BUDGET] = options.memory_budget
     gm.meta[SYNC_GROUP] = options.sync_batchnorm
     history = [PassRecord("capture", True, capture_seconds, snapshot(gm))]
     step = run_pipeline(gm, PIPELINE if options.method == "ratebp" else BPTT_PIPELINE, history)

@@ -31,7 +31,7 @@ from .errors import RateBPError, RecompileWarning
 from .guards import Guards
 from .hooks import hooks_suspended
 from .marks import step_settings
-from .options import DEFAULT_CACHE_SIZE, DEFAULT_TIME_CHUNK, StepOptions, step_kind
+from .options import DEFAULT_CACHE_SIZE, DEFAULT_MEMORY_BUDGET, StepOptions, step_kind
 from .passes.sync_batchnorm import refuse_local_batchnorms
 from .program import Program, compile_program
 
@@ -147,6 +147,10 @@ class RateBPModule(nn.Module):
     def time_chunk(self) -> Optional[int]:
         return self.options.time_chunk
 
+    @property
+    def memory_budget(self) -> Union[int, float, None]:
+        return self.options.memory_budget
+
     # -- compilation ------------------------------------------------------------------------------------
     def _positional(self, args, kwargs) -> List[Any]:
         try:
@@ -228,14 +232,16 @@ class RateBPModule(nn.Module):
         kind = step_kind(self.options.method, self._model.training, torch.is_grad_enabled())
         layouts = self.options.layouts(len(args))
         opts = self.options
-        marked = [step_settings(a, lay, kind, opts.grad_scale, opts.time_chunk, opts.cache_size, opts.sync_batchnorm)
+        marked = [step_settings(a, lay, kind, opts.grad_scale, opts.memory_budget, opts.time_chunk, opts.cache_size,
+                                opts.sync_batchnorm)
                   if isinstance(a, torch.Tensor) else a for a, lay in zip(args, layouts)]
         return self._model(*marked)
 
 
 def transform(model: nn.Module, *, method: str = "ratebp", example_inputs: Optional[Sequence[Any]] = None,
               input_layout: Union[str, Sequence[str]] = "TB", grad_scale: str = "bptt",
-              time_chunk: Optional[int] = DEFAULT_TIME_CHUNK, cache_size: int = DEFAULT_CACHE_SIZE,
+              memory_budget: Union[int, float, None] = DEFAULT_MEMORY_BUDGET, time_chunk: Optional[int] = None,
+              cache_size: int = DEFAULT_CACHE_SIZE,
               sync_batchnorm: Any = None) -> RateBPModule:
     """Return ``model`` with its training step rewritten into rate-based backpropagation.
 
@@ -247,9 +253,12 @@ def transform(model: nn.Module, *, method: str = "ratebp", example_inputs: Optio
             (time-major), ``"static"`` for inputs without a time axis.
         grad_scale: ``"bptt"`` (default): gradients at BPTT's scale, so the last layer's gradient equals
             BPTT's; ``"upstream"``: additionally divided by T, as the paper authors' code does.
-        time_chunk: for T above it, the spike pass runs over chunks of at most this many steps, so its
-            memory stays flat in T (convolutions before a BatchNorm then run twice in the spike pass);
-            None: always all T steps at once.
+        memory_budget: what the spike pass may take — the peak of the tensors it creates — in bytes, or as a
+            fraction of its device's memory (default 0.25). The spike pass runs all T steps at once when its
+            estimated peak fits (the fastest way), else over the largest chunks of time that fit, so its
+            memory stays flat in T (convolutions before a BatchNorm then run twice). None: never streamed.
+        time_chunk: run the spike pass over chunks of at most this many steps, whatever its memory
+            (overrides ``memory_budget``).
         cache_size: compiled programs kept (one per input signature, autocast state and module modes).
         sync_batchnorm: for data-parallel training (``torch.distributed``): ``True`` to take every training-mode
             BatchNorm's statistics over the default process group's batches, or a ``ProcessGroup``; both
@@ -260,8 +269,8 @@ def transform(model: nn.Module, *, method: str = "ratebp", example_inputs: Optio
     Returns a :class:`RateBPModule` sharing the model's parameters, buffers and ``state_dict`` keys.
     Raises :class:`RateBPError` for models or inputs it cannot compile; the model is left unchanged.
     """
-    options = StepOptions(method=method, input_layout=input_layout, grad_scale=grad_scale, time_chunk=time_chunk,
-                          cache_size=cache_size, sync_batchnorm=sync_batchnorm)
+    options = StepOptions(method=method, input_layout=input_layout, grad_scale=grad_scale, memory_budget=memory_budget,
+                          time_chunk=time_chunk, cache_size=cache_size, sync_batchnorm=sync_batchnorm)
     if isinstance(model, RateBPModule):
         raise RateBPError("this model is already transformed; pass the original model (RateBPModule.model)")
     if not isinstance(model, nn.Module):

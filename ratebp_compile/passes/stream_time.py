@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import operator
 import warnings
-from typing import Dict, List, Optional, Sequence, Set
+from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
 import torch.fx as fx
@@ -12,21 +12,24 @@ import torch.fx as fx
 from ..capture import propagate_shapes
 from ..errors import describe_node
 from ..graph_ops import chunk_batch_norm, chunk_batch_norm_, spike_batch_norm, spike_batch_norm_per_step
+from ..memory import device_memory_bytes, format_bytes, graph_peak_bytes
 from ..nn.spec import NeuronSpec, StateTrace
 from ..oprules import APPROXIMATE, op_info
 from ..oprules.table import is_inplace_method
+from ..options import budget_bytes
 from ..stream import StageInput, StreamStage, chunk_bounds
 from ..time_layout import TimeLayout, is_temporal, rate_shape
 from .infra import (PassResult, check_values, copy_meta, getattr_path, identifier, postcondition, require, tensor_val,
                     unique_name)
 from .retime import is_constant, retimed_shape_op, retimed_value, retimes
 
-__all__ = ["stream_time", "TIME_CHUNK", "STREAMED"]
+__all__ = ["stream_time", "estimate_peak_bytes", "reuse_dead_inputs", "TIME_CHUNK", "MEMORY_BUDGET", "STREAMED"]
 
 log = logging.getLogger(__name__)
 
 PASS = "stream_time"
-TIME_CHUNK = "ratebp.time_chunk"     # program.meta: steps per chunk; None: never stream
+TIME_CHUNK = "ratebp.time_chunk"     # program.meta: steps per chunk, whatever the memory; None: by the budget
+MEMORY_BUDGET = "ratebp.memory_budget"   # program.meta: the spike pass's budget (bytes or a fraction); None: none
 STREAMED = "ratebp.streamed"         # program.meta: how the spike pass runs, in one line (for show)
 
 _FREE_FAMILIES = ("reshape", "permute", "getitem", "split")     # views: recomputed rather than stored
@@ -265,7 +268,7 @@ class _StageBuilder:
         g.output(tuple(outputs))
         gm = fx.GraphModule(self.spike, g, class_name="Chunk")
         self._check_shapes(gm, copies, known, n, kept)
-        _reuse_dead_inputs(gm.graph, self.spike)
+        reuse_dead_inputs(gm.graph, self.spike)
         gm.recompile()
         return gm
 
@@ -341,9 +344,10 @@ def _fresh(n, spike: fx.GraphModule) -> bool:
     return n.op == "call_module" or info.name not in ("pad", "interpolate", "upsample")
 
 
-def _reuse_dead_inputs(g: fx.Graph, spike: fx.GraphModule) -> None:
-    """Run a chunk graph's BatchNorms and adds, subtractions and products in place on an input that
-    the graph computed itself and reads nowhere else, so a chunk needs fewer buffers at once."""
+def reuse_dead_inputs(g: fx.Graph, spike: fx.GraphModule) -> None:
+    """Run the BatchNorms of a chunk graph (or of the spike graph) and its adds, subtractions and products
+    in place on an input that the graph computed itself and reads nowhere else, so that it needs fewer
+    buffers at once."""
     def dead_after(n, user) -> bool:
         return _fresh(n, spike) and len(n.users) == 1 and user in n.users
 
@@ -443,6 +447,82 @@ def _build(spike: fx.GraphModule, T: int, chunk: int) -> fx.GraphModule:
     return streamed
 
 
+#: Per-step tensors a neuron's spike pass holds while it runs besides its outputs, in its accumulation
+#: dtype: the loop state (membrane, sensitivities, sums) and one step's temporaries of the PyTorch
+#: reference loop (the Triton kernel keeps them in registers), with room to spare.
+_NEURON_SCRATCH_STEPS = 10
+
+
+def _scratch(node: fx.Node, T: int) -> int:
+    """What a node needs while it runs besides its outputs: a neuron's loop state and temporaries."""
+    if _neuron(node) is None:
+        return 0
+    x = tensor_val(node.args[0])
+    return _NEURON_SCRATCH_STEPS * (x.numel() // T) * torch.promote_types(x.dtype, torch.float32).itemsize
+
+
+def estimate_peak_bytes(spike: fx.GraphModule, T: int, chunk: Optional[int] = None) -> int:
+    """The peak bytes of the tensors the spike pass creates (``graph_peak_bytes`` of its values, plus the
+    neurons' scratch): over all T steps at once, or — with ``chunk`` — streamed in chunks of at most that
+    many steps, where a temporal value takes a chunk's share of its bytes except the values stored whole
+    for all steps and the spikes, kept for all steps in 1 byte each (besides a chunk in the compute dtype).
+    Computed on the unstreamed spike graph, so that choosing a chunk builds nothing."""
+    if chunk is None or chunk >= T:
+        return graph_peak_bytes(spike, lambda n: _scratch(n, T))
+    planner = _Planner(spike)
+    planner.plan()
+    n = max(length for _, length in chunk_bounds(T, chunk))
+
+    def resize(node: fx.Node, t: torch.Tensor) -> int:
+        nbytes = t.untyped_storage().nbytes()
+        neuron = _neuron(node)
+        if neuron is not None:
+            steps = tensor_val(node.args[0])
+            if t.numel() != steps.numel():               # r, e: one step's shape
+                return nbytes
+            return (t.numel() if neuron.binary else 0) + -(-nbytes * n // T)
+        if not is_temporal(node.meta.get("ratebp.time")) or node in planner.whole or t.dim() < 2:
+            return nbytes
+        return -(-nbytes * n // T)
+
+    return graph_peak_bytes(spike, lambda node: _scratch(node, T), resize)
+
+
+def _budget(program: fx.GraphModule) -> Optional[int]:
+    """The spike pass's memory budget in bytes on its device, or None (no budget, or a fraction of a
+    device whose memory is unknown)."""
+    budget = program.meta.get(MEMORY_BUDGET)
+    if budget is None:
+        return None
+    device = next((tensor_val(n).device for n in program.spike.graph.nodes
+                   if n.op == "placeholder" and tensor_val(n) is not None), torch.device("cpu"))
+    total = device_memory_bytes(device) if isinstance(budget, float) else None
+    if isinstance(budget, float) and total is None:
+        return None
+    return budget_bytes(budget, total)
+
+
+def _chunk_for_budget(spike: fx.GraphModule, T: int, budget: int) -> Tuple[Optional[int], str]:
+    """The chunk the budget allows (None: all T steps at once) and why, in words: the fewest chunks whose
+    estimated peak fits, or one step at a time when none does."""
+    need = estimate_peak_bytes(spike, T)
+    if need <= budget:
+        return None, f"all T steps at once (estimated peak {format_bytes(need)} ≤ memory budget {format_bytes(budget)})"
+    lo, hi = 2, T                      # number of chunks: the estimate falls as it grows
+    while lo < hi:
+        count = (lo + hi) // 2
+        if estimate_peak_bytes(spike, T, -(-T // count)) <= budget:
+            hi = count
+        else:
+            lo = count + 1
+    chunk = -(-T // lo)
+    est = estimate_peak_bytes(spike, T, chunk)
+    if est > budget:
+        warnings.warn(f"ratebp_compile: the spike pass needs about {format_bytes(est)} even one step at a time, over the "
+                      f"memory budget of {format_bytes(budget)}; it runs one step at a time", stacklevel=3)
+    return chunk, f"estimated peak {format_bytes(est)}, {format_bytes(need)} at once; memory budget {format_bytes(budget)}"
+
+
 def _n_outputs(stage: StreamStage) -> int:
     neuron = stage.neuron
     return 1 + (2 + len(neuron.param_names) if neuron is not None else 0) + 2 * len(stage.batchnorms)
@@ -506,8 +586,18 @@ def stream_time(program: fx.GraphModule) -> PassResult:
     """
     T = program.meta["ratebp.T"]
     chunk = program.meta.get(TIME_CHUNK)
-    if chunk is None or T <= chunk:
-        program.meta[STREAMED] = "all T steps at once" + (f" (T = {T} ≤ time_chunk = {chunk})" if chunk else "")
+    budget = _budget(program) if chunk is None else None
+    if chunk is not None:
+        why = f"time_chunk = {chunk}"
+    elif budget is None or T == 1:
+        why = "no memory budget" if budget is None else "T = 1"
+    else:
+        chunk, why = _chunk_for_budget(program.spike, T, budget)
+    if chunk is None:
+        program.meta[STREAMED] = why if why.startswith("all T") else f"all T steps at once ({why})"
+        return PassResult(program, False)
+    if T <= chunk:
+        program.meta[STREAMED] = f"all T steps at once (T = {T} ≤ {why})"
         return PassResult(program, False)
     try:
         streamed = _build(program.spike, T, chunk)
@@ -518,7 +608,8 @@ def stream_time(program: fx.GraphModule) -> PassResult:
                       f"not in chunks of {chunk}: {reason}", stacklevel=2)
         return PassResult(program, False)
     program.spike = streamed
-    program.meta[STREAMED] = f"in chunks of at most {chunk} of the T = {T} steps ({len(chunk_bounds(T, chunk))} chunks)"
+    program.meta[STREAMED] = f"in chunks of at most {chunk} of the T = {T} steps ({len(chunk_bounds(T, chunk))} " \
+                             f"chunks; {why})"
     program.recompile()
     log.debug("stream_time: %s", program.meta[STREAMED])
     return PassResult(program, True)

@@ -17,7 +17,6 @@ suite found in the library are kept as minimal regression tests below.
 """
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import os
@@ -50,8 +49,9 @@ TOLERANCES = {torch.float32: (1e-5, 1e-6), torch.float64: (1e-9, 1e-10)}
 #: A float32 membrane closer than this to the threshold may fire on one side and not on the other
 #: (a BatchNorm over a nearly constant channel scales rounding up by as much as 1/√eps ≈ 300).
 TIE_MARGIN = 1e-4
-#: The spike pass's chunk of time when ``transform`` is not given one.
-DEFAULT_TIME_CHUNK = inspect.signature(rc.transform).parameters["time_chunk"].default
+#: The spike pass's chunk of time when ``transform`` is not given one: none, as the default memory budget
+#: decides for graphs of a few kilobytes.
+DEFAULT_TIME_CHUNK = None
 
 
 # ---------------------------------------------------------------------------------------------------

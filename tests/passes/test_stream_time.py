@@ -11,6 +11,7 @@ from torch import nn
 import ratebp_compile as rc
 from ratebp_compile import models
 from ratebp_compile.graph_ops import chunk_batch_norm, chunk_batch_norm_, spike_batch_norm
+from ratebp_compile.memory import format_bytes
 from ratebp_compile.nn import LIF, Neuron, NeuronSpec, ParametricLIF, Sigmoid, spike
 from ratebp_compile.passes import stream_time
 from ratebp_compile.stream import StreamStage
@@ -21,9 +22,9 @@ def _stages(program):
     return {name: m for name, m in program.spike.named_children() if isinstance(m, StreamStage)}
 
 
-def _step(model, x, time_chunk, input_layout="TB", loss=lambda out: out.sum()):
+def _step(model, x, time_chunk, input_layout="TB", loss=lambda out: out.sum(), **options):
     """One training step through transform; returns (outputs, grads by name, buffers by name, module)."""
-    tm = rc.transform(model, time_chunk=time_chunk, input_layout=input_layout).train()
+    tm = rc.transform(model, time_chunk=time_chunk, input_layout=input_layout, **options).train()
     x_before = x.clone()
     out = tm(x)
     loss(out).backward()
@@ -285,3 +286,114 @@ def test_a_batchnorm_of_a_static_input_before_the_repeat():
         program = _assert_same_step(_StaticBN().double(), torch.randn(4, 3, dtype=torch.float64),
                                     input_layout="static")
     assert [n.target for n in program.spike.graph.nodes].count(spike_batch_norm) == 1    # outside the stages
+
+
+# ---------------------------------------------------------------------------------------------------
+# The memory budget: streamed only when the spike pass would exceed it, in the fewest chunks that fit
+# ---------------------------------------------------------------------------------------------------
+BUDGET_MODELS = {
+    "resnet18": (lambda: models.resnet18(width=8), (16, 8, 3, 32, 32)),
+    "vgg11": (lambda: models.vgg11(width=4), (12, 4, 3, 32, 32)),
+    "convnet28": (lambda: models.ZOO["convnet28"](num_classes=10, in_channels=1, width=8), (10, 8, 1, 28, 28)),
+    "mlp": (lambda: models.ZOO["mlp"](num_classes=10, in_channels=40, width=64), (20, 16, 40)),
+}
+
+
+def _spike_peak(tm, x) -> int:
+    """The peak of the tensors the program's spike pass creates, measured."""
+    from ratebp_compile.memory import LiveTensorTracker
+
+    with torch.no_grad(), LiveTensorTracker() as tracker:
+        tm.compiled.step.spike(x)
+    return tracker.peak_bytes
+
+
+def _budget_case(name, dtype=torch.float32):
+    make, shape = BUDGET_MODELS[name]
+    torch.manual_seed(0)
+    return make().to(dtype).train(), torch.rand(*shape, dtype=dtype)
+
+
+@pytest.mark.parametrize("name", sorted(BUDGET_MODELS))
+def test_spike_pass_never_exceeds_its_memory_budget(name):
+    """From one step's worth to all steps' worth, the budget picks the fewest chunks whose estimate fits,
+    the measured peak stays within it, and the step computes what the unstreamed step computes (float64:
+    to rounding, spikes alike)."""
+    from ratebp_compile.passes.stream_time import estimate_peak_bytes
+
+    model, x = _budget_case(name, torch.float64)
+    T = x.shape[0]
+    y = torch.randint(0, 10, (x.shape[1],))
+    loss = lambda out: F.cross_entropy(out.mean(0), y)        # noqa: E731
+    ref = _step(copy.deepcopy(model), x, None, loss=loss, memory_budget=None)
+    assert ref[3].compiled.step.meta["ratebp.streamed"] == "all T steps at once (no memory budget)"
+    unstreamed, _ = prepare(copy.deepcopy(model), [x], "compact_spikes", inclusive=False)   # what stream_time sees
+    full = estimate_peak_bytes(unstreamed.spike, T)
+    assert _spike_peak(ref[3], x) <= full
+    one = estimate_peak_bytes(unstreamed.spike, T, 1)
+    assert one < full
+    chunks_seen = set()
+    for budget in (one, (2 * one + full) // 3, (one + 2 * full) // 3, full - 1):
+        twin = copy.deepcopy(model)
+        tm = rc.transform(twin, memory_budget=budget)
+        x_before = x.clone()
+        out = tm(x)
+        loss(out).backward()
+        assert torch.equal(x, x_before), "the step changed its input"
+        program = tm.compiled.step
+        bounds = next(iter(_stages(program).values())).bounds
+        chunk = max(length for _, length in bounds)
+        fits = [k for k in range(2, T + 1) if estimate_peak_bytes(unstreamed.spike, T, -(-T // k)) <= budget]
+        assert len(bounds) == min(fits), (budget, bounds, fits)        # the fewest chunks that fit
+        chunks_seen.add(chunk)
+        assert program.meta["ratebp.streamed"].startswith(f"in chunks of at most {chunk} of the T = {T} steps")
+        assert program.meta["ratebp.streamed"].endswith(f"memory budget {format_bytes(budget)})")
+        assert _spike_peak(tm, x) <= budget, budget
+        torch.testing.assert_close(out.detach(), ref[0], rtol=1e-10, atol=1e-12)
+        for k, p in twin.named_parameters():
+            torch.testing.assert_close(p.grad, ref[1][k], rtol=1e-9, atol=1e-11, msg=k)
+    assert len(chunks_seen) >= 3, chunks_seen
+
+
+def test_a_budget_that_fits_runs_all_steps_at_once():
+    model, x = _budget_case("resnet18")
+    tm = rc.transform(model)                        # the default: a quarter of the machine's memory
+    tm(x).sum().backward()
+    program = tm.compiled.step
+    assert not _stages(program)
+    assert program.meta["ratebp.streamed"].startswith("all T steps at once (estimated peak ")
+    assert "≤ memory budget" in program.meta["ratebp.streamed"]
+
+
+def test_a_fraction_is_of_the_device_memory(monkeypatch):
+    """A float budget is that fraction of the device's memory, read when the step is compiled."""
+    import importlib
+
+    from ratebp_compile.passes.stream_time import estimate_peak_bytes
+
+    module = importlib.import_module("ratebp_compile.passes.stream_time")
+    model, x = _budget_case("vgg11")
+    ref = rc.transform(copy.deepcopy(model), memory_budget=None)
+    ref(x)
+    need = estimate_peak_bytes(ref.compiled.step.spike, x.shape[0])
+    monkeypatch.setattr(module, "device_memory_bytes", lambda device: 4 * (need - 1))
+    tm = rc.transform(model, memory_budget=0.25)
+    tm(x)
+    assert _stages(tm.compiled.step)
+    assert _spike_peak(tm, x) <= need - 1
+
+
+def test_a_budget_below_one_step_warns_and_runs_step_by_step():
+    model, x = _budget_case("mlp")
+    with pytest.warns(UserWarning, match="even one step at a time, over the memory budget"):
+        tm = rc.transform(model, memory_budget=1024)
+        tm(x).sum().backward()
+    assert max(length for _, length in next(iter(_stages(tm.compiled.step).values())).bounds) == 1
+
+
+def test_time_chunk_overrides_the_budget():
+    model, x = _budget_case("mlp")
+    tm = rc.transform(model, memory_budget=None, time_chunk=5)
+    tm(x)
+    assert tm.compiled.step.meta["ratebp.streamed"] == "in chunks of at most 5 of the T = 20 steps (4 chunks; " \
+                                                       "time_chunk = 5)"

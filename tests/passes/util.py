@@ -43,14 +43,17 @@ class SingleBN(nn.Module):
         return out / x.shape[0]
 
 
-def prepare(model: nn.Module, args, upto: str, input_layouts=None, inclusive: bool = True, time_chunk=None):
+def prepare(model: nn.Module, args, upto: str, input_layouts=None, inclusive: bool = True, time_chunk=None,
+            memory_budget=None):
     """Capture ``model``, propagate shapes on ``args`` and run PIPELINE up to ``upto``.
 
     Returns ``(gm, history)``; with ``inclusive=False`` the pass ``upto`` itself is not run, so a
-    test can call it and look at its PassResult. ``time_chunk`` is stream_time's chunk (None: off)."""
+    test can call it and look at its PassResult. ``time_chunk`` and ``memory_budget`` are stream_time's
+    (None, None: never streamed)."""
     gm = capture(model, list(args))
     gm.meta["ratebp.input_layouts"] = input_layouts or ["TB"] * len(args)
     gm.meta["ratebp.time_chunk"] = time_chunk
+    gm.meta["ratebp.memory_budget"] = memory_budget
     names = [p.__name__ for p in PIPELINE]
     stop = names.index(upto) + (1 if inclusive else 0)
     history = []
