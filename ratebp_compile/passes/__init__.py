@@ -7,6 +7,7 @@ invariants that hold between passes.
 from .build_rate_graph import build_rate_graph
 from .build_spike_graph import build_spike_graph
 from .classify_ops import classify_ops
+from .compact_spikes import compact_spikes
 from .fold_time import fold_time
 from .fuse_lif import fuse_lif
 from .infer_time_layout import infer_time_layout
@@ -17,7 +18,7 @@ from .sync_batchnorm import sync_batchnorm
 
 __all__ = ["PIPELINE", "BPTT_PIPELINE", "PassResult", "PassRecord", "run_pipeline", "normalize_neurons",
            "fold_time", "sync_batchnorm", "infer_time_layout", "classify_ops", "build_spike_graph", "build_rate_graph", "fuse_lif",
-           "stream_time"]
+           "stream_time", "compact_spikes"]
 
 # Rate-based training step: captured graph -> program(spike graph, rate graph).
 PIPELINE = [
@@ -29,7 +30,8 @@ PIPELINE = [
     build_spike_graph,     # program: exact no-grad forward emitting spikes, r, e, BN statistics
     build_rate_graph,      # + length-1 graph with autograd; outputs route gradients into it
     fuse_lif,              # spike-graph neurons -> fused Triton kernels where supported
-    stream_time,           # spike graph -> stages run over chunks of time (memory flat in T)
+    stream_time,           # spike graph -> stages run over chunks of time, when over the memory budget
+    compact_spikes,        # unstreamed: spikes read again after other layers kept in 1 byte meanwhile
 ]
 
 # Plain BPTT through the same capture, for side-by-side comparison.
