@@ -16,15 +16,15 @@ import copy
 import os
 import statistics
 import time
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Tuple
 
 import torch
 
 from .. import models
 from ..memory import SavedTensorMeter
-from ..options import DEFAULT_TIME_CHUNK
+from ..options import DEFAULT_MEMORY_BUDGET
 from .common import (MiB, StepMemory, build_model, command_line, default_path, environment, finish_figure,
-                     make_runner, pick_device, pyplot, synchronize, train_step, write_json)
+                     make_runner, memory_options, pick_device, pyplot, synchronize, train_step, write_json)
 from .data import CLIError
 
 
@@ -38,17 +38,30 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=5, help="timed steps per variant and T (default 5)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first (default 1)")
     p.add_argument("--compile", action="store_true", help="also the torch.compile variants")
-    p.add_argument("--time-chunk", type=int, default=DEFAULT_TIME_CHUNK,
-                   help=f"rate-based spike pass in chunks of this many steps (default {DEFAULT_TIME_CHUNK}; 0: off)")
+    p.add_argument("--memory-budget", nargs="+", default=[str(DEFAULT_MEMORY_BUDGET)],
+                   help=f"what the rate-based spike pass may take before it is streamed over chunks of time: bytes "
+                        f"(512M, 2G), a fraction of the device's memory, or none (default {DEFAULT_MEMORY_BUDGET}); "
+                        f"several: one rate-based variant each ('ratebp@64M'), to compare them")
+    p.add_argument("--time-chunk", type=int, default=0,
+                   help="rate-based spike pass in chunks of this many steps whatever its memory (default 0: as the "
+                        "memory budget decides)")
     p.add_argument("--out", help="path of the JSON record; the PNG goes beside it (default runs/bench-<model>-<time>)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--threads", type=int, help="CPU threads for torch")
     p.add_argument("--seed", type=int, default=0)
 
 
-def _variants(compiled: bool) -> List[str]:
-    names = ["bptt", "ratebp"]
-    return names + [f"{n} compiled" for n in names] if compiled else names
+def _variants(args) -> Dict[str, Tuple[str, bool, Dict[str, Any]]]:
+    """``{name: (method, compiled, memory options)}``: BPTT, and the rate-based step once per memory budget
+    ("ratebp", or "ratebp@<budget>" for several); with ``--compile`` each again through ``torch.compile``."""
+    budgets = args.memory_budget
+    rates = {"ratebp" if len(budgets) == 1 else f"ratebp@{b}": ("ratebp", memory_options(b, args.time_chunk))
+             for b in budgets}
+    eager = {"bptt": ("bptt", memory_options(budgets[0], args.time_chunk)), **rates}
+    out = {name: (method, False, memory) for name, (method, memory) in eager.items()}
+    if args.compile:
+        out.update({f"{name} compiled": (method, True, memory) for name, (method, memory) in eager.items()})
+    return out
 
 
 def measure(args, T: int, device: torch.device) -> Dict[str, Any]:
@@ -58,9 +71,9 @@ def measure(args, T: int, device: torch.device) -> Dict[str, Any]:
     x = torch.rand(T, args.batch_size, args.channels, args.input_size, args.input_size, generator=g).to(device)
     y = torch.randint(0, 10, (args.batch_size,), generator=g).to(device)
     runs = {}
-    for name in _variants(args.compile):
+    for name, (method, compiled, memory) in _variants(args).items():
         model = copy.deepcopy(base)
-        runner = make_runner(model, name.split()[0], name.endswith("compiled"), args.time_chunk or None)
+        runner = make_runner(model, method, compiled, memory)
         runs[name] = (runner, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9))
     times: Dict[str, List[float]] = {name: [] for name in runs}
     first: Dict[str, float] = {}
@@ -87,6 +100,9 @@ def measure(args, T: int, device: torch.device) -> Dict[str, Any]:
             with SavedTensorMeter() as saved:
                 runner(x)                     # the forward alone: what it saves for backward
             entry["saved_MiB"] = saved.bytes / MiB
+        program = getattr(runner, "compiled", None)
+        if program is not None and program.method == "ratebp":
+            entry["spike_pass"] = program.step.meta.get("ratebp.streamed")      # all at once, or in chunks: why
         result[name] = entry
     return result
 
@@ -96,15 +112,20 @@ def _ratio(a, b):
 
 
 def table(results: List[Dict[str, Any]], variants: List[str]) -> str:
-    cols = ["T"] + [f"{v} ms" for v in variants] + ["time rate/BPTT"] + [f"{v} peak MiB" for v in variants] + \
-        ["peak rate/BPTT"] + [f"{v} saved MiB" for v in variants if not v.endswith("compiled")]
+    """One row per T: each variant's time, the rate-based variants' time ratios to BPTT, the peaks and their
+    ratios, the saved bytes ("time rate/BPTT" with one rate-based variant, "time <variant>/BPTT" with several)."""
+    rates = [v for v in variants if v.startswith("ratebp") and not v.endswith("compiled")]
+    ratio = (lambda v: "rate") if len(rates) == 1 else (lambda v: v)        # noqa: E731
+    cols = ["T"] + [f"{v} ms" for v in variants] + [f"time {ratio(v)}/BPTT" for v in rates] + \
+        [f"{v} peak MiB" for v in variants] + [f"peak {ratio(v)}/BPTT" for v in rates] + \
+        [f"{v} saved MiB" for v in variants if not v.endswith("compiled")]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     fmt = lambda v, spec: "–" if v is None else format(v, spec)      # noqa: E731
     for r in results:
         cells = [str(r["T"])] + [fmt(r[v]["ms"], ".0f") for v in variants]
-        cells.append(fmt(_ratio(r["ratebp"]["ms"], r["bptt"]["ms"]), ".2f"))
+        cells += [fmt(_ratio(r[v]["ms"], r["bptt"]["ms"]), ".2f") for v in rates]
         cells += [fmt(r[v]["peak_MiB"], ".0f") for v in variants]
-        cells.append(fmt(_ratio(r["ratebp"]["peak_MiB"], r["bptt"]["peak_MiB"]), ".2f"))
+        cells += [fmt(_ratio(r[v]["peak_MiB"], r["bptt"]["peak_MiB"]), ".2f") for v in rates]
         cells += [fmt(r[v]["saved_MiB"], ".1f") for v in variants if not v.endswith("compiled")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -131,17 +152,22 @@ def run(args: argparse.Namespace) -> int:
     for key in ("width", "batch_size", "input_size", "channels", "steps"):
         if getattr(args, key) < 1:
             raise CLIError(f"--{key.replace('_', '-')} must be at least 1, got {getattr(args, key)}")
-    if any(T < 1 for T in args.T) or args.warmup < 1 or args.time_chunk < 0:
-        raise CLIError("--T values and --warmup must be at least 1, --time-chunk 0 or more")
+    if any(T < 1 for T in args.T) or args.warmup < 1:
+        raise CLIError("--T values and --warmup must be at least 1")
+    for budget in args.memory_budget:
+        memory_options(budget, args.time_chunk)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
-    variants = _variants(args.compile)
+    variants = list(_variants(args))
     results = []
     for T in args.T:
         torch._dynamo.reset()
         print(f"T = {T} ...", flush=True)
         results.append(measure(args, T, device))
+        for name, entry in results[-1].items():
+            if isinstance(entry, dict) and entry.get("spike_pass"):
+                print(f"  {name}: spike pass {entry['spike_pass']}")
     env = environment(device)
     title = (f"{args.model} width {args.width}, batch {args.batch_size}, {args.channels}×{args.input_size}×"
              f"{args.input_size} input · {env['device']}"

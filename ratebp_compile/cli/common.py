@@ -50,19 +50,33 @@ def build_model(name: str, width: int, step_shape: tuple, num_classes: int, seed
     return models.ZOO[name](num_classes=num_classes, in_channels=in_channels, width=width)
 
 
-def make_runner(model: nn.Module, method: str, compiled: bool, time_chunk: Optional[int],
+def memory_options(memory_budget: str, time_chunk: int) -> Dict[str, Any]:
+    """The spike pass's memory options from the command line's ``--memory-budget`` (as written) and
+    ``--time-chunk`` (0: as the budget decides); a :class:`CLIError` for values they cannot take."""
+    from ..errors import RateBPError
+    from ..options import parse_memory_budget
+
+    if time_chunk < 0:
+        raise CLIError(f"--time-chunk must be 0 (as the memory budget decides) or positive, got {time_chunk}")
+    try:
+        return {"memory_budget": parse_memory_budget(str(memory_budget)), "time_chunk": time_chunk or None}
+    except RateBPError as e:
+        raise CLIError(f"--memory-budget: {e}") from None
+
+
+def make_runner(model: nn.Module, method: str, compiled: bool, memory: Dict[str, Any],
                 sync_batchnorm: bool = False) -> Callable:
     """What a training step calls: the rate-based step (``transform``), or BPTT (the model itself); through
-    ``torch.compile`` with ``compiled`` (the ``ratebp`` backend, and Inductor for BPTT). With
-    ``sync_batchnorm`` BatchNorms normalise over every process's batch (BPTT then through ``transform``'s
-    BPTT, which synchronises them too)."""
+    ``torch.compile`` with ``compiled`` (the ``ratebp`` backend, and Inductor for BPTT). ``memory``: the
+    spike pass's ``memory_budget`` and ``time_chunk`` options. With ``sync_batchnorm`` BatchNorms normalise
+    over every process's batch (BPTT then through ``transform``'s BPTT, which synchronises them too)."""
     import ratebp_compile as rc
 
-    sync = {"sync_batchnorm": True} if sync_batchnorm else {}
+    options = {"method": method, **memory, **({"sync_batchnorm": True} if sync_batchnorm else {})}
     if method == "ratebp" or sync_batchnorm:
         if compiled:
-            return torch.compile(model, backend="ratebp", options={"time_chunk": time_chunk, "method": method, **sync})
-        return rc.transform(model, method=method, time_chunk=time_chunk, **sync)
+            return torch.compile(model, backend="ratebp", options=options)
+        return rc.transform(model, **options)
     return torch.compile(model) if compiled else model
 
 

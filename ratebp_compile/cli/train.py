@@ -33,10 +33,11 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from .. import models
-from ..options import DEFAULT_TIME_CHUNK, METHODS
+from ..options import DEFAULT_MEMORY_BUDGET, METHODS
 from .checkpoint import CheckpointFile, checkpoint_path, interrupt_note, load_checkpoint, restore
 from .common import (AMP_DTYPES, MiB, Precision, StepMemory, build_model, command_line, default_path, environment,
-                     finish_figure, make_runner, pick_device, pyplot, synchronize, train_step, write_json)
+                     finish_figure, make_runner, memory_options, pick_device, pyplot, synchronize, train_step,
+                     write_json)
 from .data import DATASETS, ENCODINGS, CLIError, Dataset, encode, load_dataset
 from .distributed import World, join_world, launch
 from .progress import Progress
@@ -46,7 +47,7 @@ from .progress import Progress
 DEFAULTS: Dict[str, Any] = {
     "model": "convnet", "width": 16, "T": 4, "method": "ratebp", "data": "digits", "encoding": "direct",
     "batch_size": 64, "optimizer": "adam", "lr": 3e-3, "momentum": 0.9, "weight_decay": 0.0,
-    "schedule": "cosine", "time_chunk": DEFAULT_TIME_CHUNK,
+    "schedule": "cosine", "memory_budget": str(DEFAULT_MEMORY_BUDGET), "time_chunk": 0,
 }
 #: What a checkpoint's parameters and optimizer state depend on: a resumed run cannot change these.
 FIXED_ON_RESUME = ("model", "width", "data", "optimizer")
@@ -65,9 +66,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     model.add_argument("--amp", choices=sorted(AMP_DTYPES),
                        help="mixed precision: the forward under torch.autocast to bfloat16 or float16 (float16 with "
                             "loss scaling); neuron states accumulate in float32 (default: float32)")
+    model.add_argument("--memory-budget",
+                       help=f"what the rate-based spike pass may take before it is streamed over chunks of time: "
+                            f"bytes (512M, 2G), a fraction of the device's memory, or none (default "
+                            f"{d['memory_budget']})")
     model.add_argument("--time-chunk", type=int,
-                       help=f"rate-based spike pass in chunks of this many steps when T is larger (default "
-                            f"{d['time_chunk']}; 0: all T steps at once)")
+                       help="rate-based spike pass in chunks of this many steps whatever its memory (default 0: as "
+                            "the memory budget decides)")
     data = p.add_argument_group("data")
     data.add_argument("--data", choices=DATASETS, metavar="DATA",
                       help=f"dataset (default {d['data']}: scikit-learn's 8x8 digits, offline): {', '.join(DATASETS)}; "
@@ -128,8 +133,7 @@ def _resolve(args: argparse.Namespace, checkpoint: Optional[Dict[str, Any]], wor
     for key in ("width", "T", "batch_size", "epochs", "eval_batch_size"):
         if config[key] < 1:
             raise CLIError(f"--{key.replace('_', '-')} must be at least 1, got {config[key]}")
-    if config["time_chunk"] < 0:
-        raise CLIError(f"--time-chunk must be 0 (off) or positive, got {config['time_chunk']}")
+    memory_options(config["memory_budget"], config["time_chunk"])
     if config["lr"] <= 0:
         raise CLIError(f"--lr must be positive, got {config['lr']}")
     return config
@@ -190,8 +194,8 @@ def train_run(config, data: Dataset, method: str, seed: int, device, checkpoint=
     several processes this process trains on its share of each batch."""
     model = build_model(config["model"], config["width"], data.step_shape(config["T"]), data.num_classes,
                         seed).to(device)
-    chunk = config["time_chunk"] or None
-    runner = make_runner(model, method, config["compile"], chunk, config.get("sync_bn", False))
+    memory = memory_options(config["memory_budget"], config["time_chunk"])
+    runner = make_runner(model, method, config["compile"], memory, config.get("sync_bn", False))
     if world.size > 1:
         runner = DistributedDataParallel(runner, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = _optimizer(config, model.parameters())

@@ -25,6 +25,23 @@ def test_bench_writes_table_json_and_png(capsys, tmp_path):
     assert record["config"]["model"] == "convnet"
 
 
+def test_bench_compares_memory_budgets(capsys, tmp_path):
+    """Several budgets: one rate-based variant each, their ratios to BPTT, and how each ran its spike pass."""
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "bench.json"
+    code = main(["bench", "--model", "convnet", "--width", "4", "--batch-size", "4", "--input-size", "8",
+                 "--channels", "1", "--T", "4", "--steps", "1", "--memory-budget", "none", "76k", "--device", "cpu",
+                 "--out", str(out)])
+    stdout = capsys.readouterr().out
+    assert code == 0
+    assert "| T | bptt ms | ratebp@none ms | ratebp@76k ms | time ratebp@none/BPTT | time ratebp@76k/BPTT |" in stdout
+    (r,) = json.loads(out.read_text())["results"]
+    assert r["ratebp@none"]["spike_pass"] == "all T steps at once (no memory budget)"
+    assert r["ratebp@76k"]["spike_pass"].startswith("in chunks of at most "), r["ratebp@76k"]
+    assert r["ratebp@76k"]["spike_pass"].endswith("memory budget 76 KiB)")
+    assert r["ratebp@76k"]["peak_MiB"] > 0 and r["ratebp@none"]["peak_MiB"] > 0
+
+
 def test_bench_bad_option_is_one_line(capsys):
     with pytest.raises(SystemExit) as e:
         main(["bench", "--T", "four"])
