@@ -16,8 +16,9 @@ This file, in order: Triton kernels; launchers; ``torch.library`` custom ops
 node's arguments by name. Which neurons run as these ops is ``ratebp_compile.families.lif``'s
 decision; this package knows nothing of neuron modules.
 
-CPU tensors and float64 run the references (as does everything without Triton installed); under
-``TRITON_INTERPRET=1`` the Triton kernels run on CPU.
+On CPU tensors the spike pass runs as one fused C loop (``lif_cpu``, compiled on first use) and the
+BPTT pair as the references, as does everything without Triton installed or without a C compiler;
+float64 runs the references on GPU; under ``TRITON_INTERPRET=1`` the Triton kernels run on CPU.
 """
 from __future__ import annotations
 
@@ -26,12 +27,13 @@ from typing import Optional, Tuple
 
 import torch
 
+from . import lif_cpu
 from . import lif_math as M
 from ._triton import AVAILABLE as TRITON_AVAILABLE
 from ._triton import tl, triton
 
 __all__ = ["lif_spike_pass", "lif_spike_scan", "lif_bptt_forward", "lif_bptt_backward", "lif_spike_pass_reference",
-           "lif_spike_scan_reference", "lif_bptt_forward_reference", "lif_bptt_backward_reference",
+           "lif_spike_scan_reference", "lif_bptt_forward_reference", "lif_bptt_backward_reference", "lif_spike_pass_cpu",
            "launch_lif_forward", "launch_lif_backward",
            "lif_scan_state", "lif_scan_finish", "op_arguments"]
 
@@ -427,6 +429,39 @@ def _use_triton(x: torch.Tensor) -> bool:
     return TRITON_AVAILABLE and (x.is_cuda or _INTERPRET) and x.dtype in SUPPORTED_DTYPES
 
 
+def _use_cpu_loop(x: torch.Tensor) -> bool:
+    """The fused C loop for the spike pass on a CPU tensor of a floating dtype, when it could be built."""
+    return x.device.type == "cpu" and x.dtype in SUPPORTED_DTYPES + (torch.float64,) and x.numel() > 0 and \
+        lif_cpu.available()
+
+
+def _cpu_scan(x: torch.Tensor, state: torch.Tensor, lam, v_threshold, v_reset, decay_input, detach_reset, surrogate,
+              width, strict, delayed_reset, spike_dtype) -> torch.Tensor:
+    """``lif_cpu.spike_scan`` on ``x`` ``[n, ...]`` (widened to the state's dtype): the chunk's spikes."""
+    steps = x.shape[0]
+    xs = x.to(state.dtype).reshape(steps, -1).contiguous()
+    wide = spike_dtype if spike_dtype == torch.uint8 else state.dtype
+    spikes = torch.empty(xs.shape, dtype=wide)
+    lif_cpu.spike_scan(xs, state, spikes, lam, v_threshold, v_reset, width, surrogate, decay_input, detach_reset,
+                       strict, delayed_reset)
+    return spikes.view(x.shape).to(spike_dtype)
+
+
+def lif_spike_pass_cpu(x, decay, decay_logit, v_threshold, v_reset, decay_input, detach_reset, surrogate, width,
+                       strict, delayed_reset, decay_tangent, spike_dtype):
+    """The spike pass through the fused C loop, with the reference's outputs: (spikes, r, e, e_w or None)."""
+    M.check_delayed_reset(delayed_reset, detach_reset)
+    acc = _acc_dtype(x.dtype)
+    lam, dlam_dw = _lam(decay, decay_logit, acc)
+    state = torch.zeros((_state_rows(decay_tangent), x[0].numel()), dtype=acc)
+    spikes = _cpu_scan(x, state, lam, v_threshold, v_reset, decay_input, detach_reset, surrogate, width, strict,
+                       delayed_reset, spike_dtype)
+    T, shape = x.shape[0], x.shape[1:]
+    r, e = ((row / T).to(x.dtype).view(shape) for row in (state[3], state[4]))
+    el = ((state[6] / T).to(x.dtype).view(shape) * dlam_dw).to(x.dtype) if decay_tangent else None
+    return spikes, r, e, el
+
+
 # =============================================================================================
 # 3. Custom ops
 # =============================================================================================
@@ -446,9 +481,9 @@ def lif_spike_pass(x: torch.Tensor, decay: float, decay_logit: Optional[torch.Te
             strict, delayed_reset, write_h=False, write_stats=True, decay_tangent=decay_tangent,
             spike_dtype=spike_dtype)
     else:
-        spikes, r, e, el = lif_spike_pass_reference(x, decay, decay_logit, v_threshold, v_reset, decay_input,
-                                                    detach_reset, surrogate, width, strict, delayed_reset,
-                                                    decay_tangent, spike_dtype)
+        run = lif_spike_pass_cpu if _use_cpu_loop(x) else lif_spike_pass_reference
+        spikes, r, e, el = run(x, decay, decay_logit, v_threshold, v_reset, decay_input, detach_reset, surrogate,
+                               width, strict, delayed_reset, decay_tangent, spike_dtype)
     return spikes, r, e, el if decay_tangent else x.new_empty((0,))
 
 
@@ -507,6 +542,11 @@ def lif_spike_scan(x: torch.Tensor, state: torch.Tensor, decay: float, decay_log
             strict, delayed_reset, write_h=False, write_stats=True, decay_tangent=decay_tangent,
             spike_dtype=spike_dtype, state=state)
         return spikes
+    if _use_cpu_loop(x) and state.is_contiguous() and state.dtype == _acc_dtype(x.dtype):
+        M.check_delayed_reset(delayed_reset, detach_reset)
+        lam, _ = _lam(decay, decay_logit, state.dtype)
+        return _cpu_scan(x, state, lam, v_threshold, v_reset, decay_input, detach_reset, surrogate, width, strict,
+                         delayed_reset, spike_dtype)
     return lif_spike_scan_reference(x, state, decay, decay_logit, v_threshold, v_reset, decay_input, detach_reset,
                                     surrogate, width, strict, delayed_reset, spike_dtype)
 
