@@ -481,8 +481,8 @@ def estimate_peak_bytes(spike: fx.GraphModule, T: int, chunk: Optional[int] = No
             if t.numel() != steps.numel():               # r, e: one step's shape
                 return nbytes
             return (t.numel() if neuron.binary else 0) + -(-nbytes * n // T)
-        if not is_temporal(node.meta.get("ratebp.time")) or node in planner.whole or t.dim() < 2:
-            return nbytes
+        if planner.kind.get(node) != "stream" or node in planner.whole or t.dim() < 2:
+            return nbytes                                 # static, stored whole, or a BatchNorm's statistics
         return -(-nbytes * n // T)
 
     return graph_peak_bytes(spike, lambda node: _scratch(node, T), resize)
