@@ -141,6 +141,29 @@ def test_streamed_spike_pass_through_the_backend(compiler):
     assert rb.compiled_for(tm.model).step.meta["ratebp.streamed"].startswith("in chunks of at most 3")
 
 
+def test_memory_budget_through_the_backend():
+    """memory_budget reaches the backend's pipeline (as an option, or from a transformed module): under a
+    budget the spike pass is streamed as transform streams it, and the step equals transform's."""
+    model = Tiny()
+    ref = copy.deepcopy(model)
+    x, y = tiny_input(T=5), torch.tensor([0, 1, 2])
+    tm = rc.transform(ref, memory_budget=1024)       # under one step's worth: step by step, with a warning
+    with pytest.warns(UserWarning, match="over the memory budget of 1.0 KiB"):
+        out_ref = _step(tm, x, y)
+    with pytest.warns(UserWarning, match="over the memory budget of 1.0 KiB"):
+        out = _step(torch.compile(model, backend="ratebp", options={"compiler": "aot_eager", "memory_budget": 1024}),
+                    x, y)
+    torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-6)
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert rb.compiled_for(model).step.meta["ratebp.streamed"] == tm.compiled.step.meta["ratebp.streamed"]
+    assert tm.compiled.step.meta["ratebp.streamed"].startswith("in chunks of at most 1 of the T = 5 steps")
+    torch._dynamo.reset()
+    twin = rc.transform(copy.deepcopy(model), memory_budget=None)
+    _step(torch.compile(twin, backend="ratebp", options={"compiler": "eager"}), x, y)
+    assert rb.compiled_for(twin.model).step.meta["ratebp.streamed"] == "all T steps at once (no memory budget)"
+
+
 def test_a_graph_break_that_splits_the_snn_is_a_clear_error():
     """BatchNorm(momentum=None) makes Dynamo break the graph (float(num_batches_tracked)): the piece before
     the break has no neurons, so no rate-based step can be built. The error says why and where; the
