@@ -3,7 +3,7 @@ under rate-based backprop (``classify``).
 """
 from .classify import APPROXIMATE, BATCHNORM, EXACT, HOOK, NEURON, REFUSED, STATE, STATIC, OpClass, classify
 from .layout import Context, arg, is_module_state, output_layout
-from .table import OpInfo, op_info
+from .table import VIEW_FAMILIES, OpInfo, is_view, op_info
 
-__all__ = ["OpInfo", "OpClass", "op_info", "output_layout", "classify", "Context", "arg", "is_module_state", "EXACT",
+__all__ = ["OpInfo", "OpClass", "op_info", "is_view", "VIEW_FAMILIES", "output_layout", "classify", "Context", "arg", "is_module_state", "EXACT",
            "APPROXIMATE", "REFUSED", "STATIC", "NEURON", "BATCHNORM", "STATE", "HOOK"]

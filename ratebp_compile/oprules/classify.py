@@ -21,7 +21,7 @@ from torch.utils import _pytree as pytree
 
 from ..time_layout import Mixed, TimeLayout, is_temporal
 from .layout import Context, _module, _norm_dims, _shape, _temporal_inputs, _val, arg, holds_tensors, is_module_state
-from .table import OpInfo, is_inplace_method, op_info
+from .table import VIEW_FAMILIES, OpInfo, is_inplace_method, op_info
 
 __all__ = ["OpClass", "classify", "EXACT", "APPROXIMATE", "REFUSED", "STATIC", "NEURON", "BATCHNORM", "STATE",
            "HOOK"]
@@ -60,7 +60,7 @@ def _time_reduction(node, info, ctx) -> Optional[str]:
     return info.name
 
 
-_VIEWS = ("reshape", "permute", "getitem", "split", "broadcast")
+_VIEWS = VIEW_FAMILIES + ("broadcast",)
 _IN_PLACE_OPERATORS = (operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv,
                        operator.ifloordiv, operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor)
 

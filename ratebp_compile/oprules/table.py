@@ -161,6 +161,16 @@ _FINAL_MEMBRANE = OpInfo("state", "final_membrane", False)
 _STATE_TRACE = OpInfo("state_trace", "state_trace", False)
 
 
+#: The families whose ops return a view of their first argument (no memory of their own).
+VIEW_FAMILIES = ("reshape", "permute", "getitem", "split")
+
+
+def is_view(node: torch.fx.Node, gm: torch.fx.GraphModule) -> bool:
+    """Whether a call node returns a view of its first argument (and does not write into it)."""
+    info = op_info(node, gm) if node.op in ("call_function", "call_method") else None
+    return info is not None and info.family in VIEW_FAMILIES and not is_inplace_method(node)
+
+
 def is_inplace_method(node: torch.fx.Node) -> bool:
     return node.op == "call_method" and node.target.endswith("_") and not node.target.endswith("__")
 

@@ -10,21 +10,15 @@ import torch.fx as fx
 
 from ..capture import propagate_shapes
 from ..nn.spec import NeuronSpec
-from ..oprules import op_info
+from ..oprules import is_view
 from ..oprules.table import is_inplace_method
 from ..stream import StreamStage
-from .infra import PassResult, check_values, postcondition, require, tensor_val
+from .infra import PassResult, check_values, copy_meta, postcondition, require, tensor_val
 from .stream_time import reuse_dead_inputs
 
 __all__ = ["compact_spikes"]
 
 PASS = "compact_spikes"
-_VIEWS = ("reshape", "permute", "getitem", "split")
-
-
-def _view(node: fx.Node, gm: fx.GraphModule) -> bool:
-    info = op_info(node, gm) if node.op in ("call_function", "call_method") else None
-    return info is not None and info.family in _VIEWS and not is_inplace_method(node)
 
 
 def _readers(spikes: fx.Node, gm: fx.GraphModule) -> Optional[List[fx.Node]]:
@@ -39,7 +33,7 @@ def _readers(spikes: fx.Node, gm: fx.GraphModule) -> Optional[List[fx.Node]]:
             seen.add(user)
             if is_inplace_method(user) or user.kwargs.get("inplace"):
                 return None
-            if _view(user, gm):
+            if is_view(user, gm):
                 stack.append(user)
             else:
                 readers.append(user)
@@ -112,7 +106,7 @@ def compact_spikes(program: fx.GraphModule) -> PassResult:
             continue
         dtype = tensor_val(spikes).dtype
         with graph.inserting_after(spikes):
-            compact = graph.call_method("to", (spikes, torch.uint8))
+            compact = copy_meta(graph.call_method("to", (spikes, torch.uint8)), spikes, PASS)
         spikes.replace_all_uses_with(compact, delete_user_cb=lambda user: user is not compact)
         done: Set[fx.Node] = set()
         for reader in readers:
@@ -122,7 +116,7 @@ def compact_spikes(program: fx.GraphModule) -> PassResult:
             for value in reader.all_input_nodes:
                 if _reaches(compact, value, spike):
                     with graph.inserting_before(reader):
-                        restored = graph.call_method("to", (value, dtype))
+                        restored = copy_meta(graph.call_method("to", (value, dtype)), value, PASS)
                     reader.replace_input_with(value, restored)
         changed = True
     if changed:
@@ -137,7 +131,7 @@ def compact_spikes(program: fx.GraphModule) -> PassResult:
 def _reaches(source: fx.Node, node: fx.Node, gm: fx.GraphModule) -> bool:
     """Whether ``node`` is ``source`` or a view of it (through views of views)."""
     while node is not source:
-        if not (isinstance(node, fx.Node) and _view(node, gm) and node.args):
+        if not (isinstance(node, fx.Node) and is_view(node, gm) and node.args):
             return False
         node = node.args[0]
     return True

@@ -14,7 +14,7 @@ from ..errors import describe_node
 from ..graph_ops import chunk_batch_norm, chunk_batch_norm_, spike_batch_norm, spike_batch_norm_per_step
 from ..memory import device_memory_bytes, format_bytes, graph_peak_bytes
 from ..nn.spec import NeuronSpec, StateTrace
-from ..oprules import APPROXIMATE, op_info
+from ..oprules import APPROXIMATE, is_view, op_info
 from ..oprules.table import is_inplace_method
 from ..options import budget_bytes
 from ..stream import StageInput, StreamStage, chunk_bounds
@@ -32,7 +32,6 @@ TIME_CHUNK = "ratebp.time_chunk"     # program.meta: steps per chunk, whatever t
 MEMORY_BUDGET = "ratebp.memory_budget"   # program.meta: the spike pass's budget (bytes or a fraction); None: none
 STREAMED = "ratebp.streamed"         # program.meta: how the spike pass runs, in one line (for show)
 
-_FREE_FAMILIES = ("reshape", "permute", "getitem", "split")     # views: recomputed rather than stored
 
 
 KEPT = "kept_"       # placeholder prefix of a chunk graph input the stage computed itself and nothing else reads
@@ -94,8 +93,8 @@ class _Planner:
         return "stream" if temporal else "static"      # a BatchNorm of a static tensor included
 
     def _free(self, node: fx.Node) -> bool:
-        info = op_info(node, self.spike)
-        return info is not None and info.family in _FREE_FAMILIES and not is_inplace_method(node)
+        """A view: recomputed rather than stored."""
+        return is_view(node, self.spike)
 
     def _random(self, node: fx.Node) -> bool:
         info = op_info(node, self.spike)
@@ -449,7 +448,7 @@ def _build(spike: fx.GraphModule, T: int, chunk: int) -> fx.GraphModule:
 
 #: Per-step tensors a neuron's spike pass holds while it runs besides its outputs, in its accumulation
 #: dtype: the loop state (membrane, sensitivities, sums) and one step's temporaries of the PyTorch
-#: reference loop (the Triton kernel keeps them in registers), with room to spare.
+#: reference loop, with room to spare (the C loop and the Triton kernel need a block's worth).
 _NEURON_SCRATCH_STEPS = 10
 
 
@@ -488,18 +487,18 @@ def estimate_peak_bytes(spike: fx.GraphModule, T: int, chunk: Optional[int] = No
     return graph_peak_bytes(spike, lambda node: _scratch(node, T), resize)
 
 
-def _budget(program: fx.GraphModule) -> Optional[int]:
-    """The spike pass's memory budget in bytes on its device, or None (no budget, or a fraction of a
-    device whose memory is unknown)."""
+def _budget(program: fx.GraphModule) -> Tuple[Optional[int], str]:
+    """The spike pass's memory budget in bytes on its device, or None and why there is none (none given,
+    or a fraction of a device whose memory is unknown)."""
     budget = program.meta.get(MEMORY_BUDGET)
     if budget is None:
-        return None
+        return None, "no memory budget"
     device = next((tensor_val(n).device for n in program.spike.graph.nodes
                    if n.op == "placeholder" and tensor_val(n) is not None), torch.device("cpu"))
     total = device_memory_bytes(device) if isinstance(budget, float) else None
     if isinstance(budget, float) and total is None:
-        return None
-    return budget_bytes(budget, total)
+        return None, f"the memory of {device} is unknown: no budget"
+    return budget_bytes(budget, total), ""
 
 
 def _chunk_for_budget(spike: fx.GraphModule, T: int, budget: int) -> Tuple[Optional[int], str]:
@@ -507,7 +506,7 @@ def _chunk_for_budget(spike: fx.GraphModule, T: int, budget: int) -> Tuple[Optio
     estimated peak fits, or one step at a time when none does."""
     need = estimate_peak_bytes(spike, T)
     if need <= budget:
-        return None, f"all T steps at once (estimated peak {format_bytes(need)} ≤ memory budget {format_bytes(budget)})"
+        return None, f"estimated peak {format_bytes(need)} ≤ memory budget {format_bytes(budget)}"
     lo, hi = 2, T                      # number of chunks: the estimate falls as it grows
     while lo < hi:
         count = (lo + hi) // 2
@@ -518,9 +517,10 @@ def _chunk_for_budget(spike: fx.GraphModule, T: int, budget: int) -> Tuple[Optio
     chunk = -(-T // lo)
     est = estimate_peak_bytes(spike, T, chunk)
     if est > budget:
-        warnings.warn(f"ratebp_compile: the spike pass needs about {format_bytes(est)} even one step at a time, over the "
-                      f"memory budget of {format_bytes(budget)}; it runs one step at a time", stacklevel=3)
-    return chunk, f"estimated peak {format_bytes(est)}, {format_bytes(need)} at once; memory budget {format_bytes(budget)}"
+        warnings.warn(f"ratebp_compile: the spike pass needs about {format_bytes(est)} even one step at a time, "
+                      f"over the memory budget of {format_bytes(budget)}; it runs one step at a time", stacklevel=3)
+    return chunk, f"estimated peak {format_bytes(est)}, {format_bytes(need)} at once; memory budget " \
+                  f"{format_bytes(budget)}"
 
 
 def _n_outputs(stage: StreamStage) -> int:
@@ -538,8 +538,14 @@ def _check(program: fx.GraphModule) -> None:
 
 @postcondition(_check)
 def stream_time(program: fx.GraphModule) -> PassResult:
-    """Run the spike pass over chunks of at most ``program.meta["ratebp.time_chunk"]`` steps, so that
-    only one chunk's activations are alive at once: the spike pass's memory stops growing with T.
+    """Run the spike pass over chunks of time when it would exceed its memory budget, so that only one
+    chunk's activations are alive at once: the spike pass's memory stops growing with T.
+
+    The budget (``program.meta["ratebp.memory_budget"]``: bytes, or a fraction of the device's memory) is
+    checked against :func:`estimate_peak_bytes`, computed from the spike graph's values without running
+    anything. Within it the spike pass runs all T steps at once, the fastest schedule; over it, in the
+    fewest chunks whose estimate fits (one step at a time, with a warning, when none does).
+    ``program.meta["ratebp.time_chunk"]`` forces chunks of that many steps whatever the memory.
 
     The spike graph is cut into *stages*, one per neuron (and one per value other code needs for all
     steps at once: a model output, the input of a reduction over time). A stage runs its *cone* — the
@@ -547,9 +553,9 @@ def stream_time(program: fx.GraphModule) -> PassResult:
     and stores the spikes, 1 byte each, for the later stages. A BatchNorm with statistics over time and
     batch in a cone costs one more pass over the chunks (its input's per-channel moments first, last
     chunk to first, then normalisation with them): the ops before it run twice on every chunk but the
-    first. Values two stages need are stored once; views are recomputed. With T at most one chunk, or
-    a graph the streamed form does not handle (the reason is recorded in
-    ``program.meta["ratebp.streamed"]`` and warned), nothing changes.
+    first. Values two stages need are stored once; views are recomputed. Within the budget, with T at
+    most one chunk, or for a graph the streamed form does not handle (warned), nothing changes;
+    ``program.meta["ratebp.streamed"]`` says which schedule runs and why, with the estimate.
 
     Before (the program's spike graph, T = 16)::
 
@@ -562,7 +568,7 @@ def stream_time(program: fx.GraphModule) -> PassResult:
         flatten_1 = getitem_3.flatten(0, 1)
         conv1 = self.conv1(flatten_1) ...
 
-    After (time_chunk = 8)::
+    After (over the budget: 2 chunks of 8; or time_chunk = 8)::
 
         stream_lif_spike_pass = self.stream_lif_spike_pass(x_seq)
         #   StreamStage(neuron lif_spike_pass: flatten, conv0, spike_batch_norm, unflatten; 2 chunks, 2 passes)
@@ -586,15 +592,14 @@ def stream_time(program: fx.GraphModule) -> PassResult:
     """
     T = program.meta["ratebp.T"]
     chunk = program.meta.get(TIME_CHUNK)
-    budget = _budget(program) if chunk is None else None
     if chunk is not None:
         why = f"time_chunk = {chunk}"
-    elif budget is None or T == 1:
-        why = "no memory budget" if budget is None else "T = 1"
     else:
-        chunk, why = _chunk_for_budget(program.spike, T, budget)
+        budget, why = _budget(program)
+        if budget is not None:
+            chunk, why = (None, "T = 1") if T == 1 else _chunk_for_budget(program.spike, T, budget)
     if chunk is None:
-        program.meta[STREAMED] = why if why.startswith("all T") else f"all T steps at once ({why})"
+        program.meta[STREAMED] = f"all T steps at once ({why})"
         return PassResult(program, False)
     if T <= chunk:
         program.meta[STREAMED] = f"all T steps at once (T = {T} ≤ {why})"

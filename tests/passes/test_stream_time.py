@@ -377,10 +377,14 @@ def test_a_fraction_is_of_the_device_memory(monkeypatch):
     ref(x)
     need = estimate_peak_bytes(ref.compiled.step.spike, x.shape[0])
     monkeypatch.setattr(module, "device_memory_bytes", lambda device: 4 * (need - 1))
-    tm = rc.transform(model, memory_budget=0.25)
+    tm = rc.transform(copy.deepcopy(model), memory_budget=0.25)
     tm(x)
     assert _stages(tm.compiled.step)
     assert _spike_peak(tm, x) <= need - 1
+    monkeypatch.setattr(module, "device_memory_bytes", lambda device: None)     # a device of unknown memory
+    tm = rc.transform(model, memory_budget=0.25)
+    tm(x)
+    assert tm.compiled.step.meta["ratebp.streamed"] == "all T steps at once (the memory of cpu is unknown: no budget)"
 
 
 def test_a_budget_below_one_step_warns_and_runs_step_by_step():
