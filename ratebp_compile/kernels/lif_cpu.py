@@ -1,10 +1,10 @@
 """The LIF family's spike pass as one fused CPU loop: C compiled on first use, called through ctypes.
 
 The PyTorch reference (``lif_math``) runs each timestep as a dozen elementwise ops over the whole layer,
-each reading and writing it from memory. Here each element's loop state stays in registers across the T
-steps: one pass reads the input currents, writes the spikes and accumulates r and e — the spike pass of
-``ratebp::lif_spike_pass`` and ``ratebp::lif_spike_scan`` on CPU tensors. Threads split the elements (the
-calls release the GIL), as many as ``torch.get_num_threads()``.
+each reading and writing it from memory. Here the loop state of a block of 512 elements stays in the
+CPU's first-level cache across the T steps: one pass reads the input currents, writes the spikes and
+accumulates r and e — the spike pass of ``ratebp::lif_spike_pass`` and ``ratebp::lif_spike_scan`` on CPU
+tensors. Threads split the blocks (the calls release the GIL), as many as ``torch.get_num_threads()``.
 
 The arithmetic is the reference's, operation for operation and in its dtype (float32, or float64 for
 float64 inputs; half-precision inputs are widened first), compiled without contracting products and
@@ -194,6 +194,7 @@ _lock = threading.Lock()
 _lib: Optional[ctypes.CDLL] = None
 _reason: Optional[str] = None
 _pool: Optional[ThreadPoolExecutor] = None
+_pool_size = 0
 
 
 def _cache_dir() -> str:
@@ -276,7 +277,7 @@ def spike_scan(x: torch.Tensor, state: torch.Tensor, spikes: torch.Tensor, lam, 
     ``[5 or 7, n]`` (x's dtype, contiguous; updated in place), writing ``spikes`` ``[steps, n]`` (x's dtype
     or uint8, contiguous). ``lam``: λ, a Python float or a 0-d tensor (a learned decay), whose 1 − λ is
     rounded as the reference rounds it. See ``lif_math`` for the recurrence and the state's rows."""
-    global _pool
+    global _pool, _pool_size
     lib = _library()
     steps, n = x.shape
     name = {torch.float32: "scan_f32", torch.float64: "scan_f64"}[x.dtype] + \
@@ -291,8 +292,10 @@ def spike_scan(x: torch.Tensor, state: torch.Tensor, spikes: torch.Tensor, lam, 
     if threads == 1:
         fn(*pointers, 0, n, *args)
         return
-    if _pool is None or _pool._max_workers < threads:
-        _pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ratebp_lif_cpu")
+    if _pool_size < threads:
+        if _pool is not None:
+            _pool.shutdown(wait=False)
+        _pool, _pool_size = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ratebp_lif_cpu"), threads
     bounds = [n * i // threads for i in range(threads + 1)]
     bounds = [b - b % 512 if 0 < b < n else b for b in bounds]           # whole blocks per thread
     list(_pool.map(lambda i: fn(*pointers, bounds[i], bounds[i + 1], *args), range(threads)))
