@@ -22,7 +22,6 @@ import argparse
 import copy
 import json
 import statistics
-import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -30,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import ratebp_compile as rc
-from ratebp_compile.cli.common import MiB, StepMemory, build_model, environment, synchronize
+from ratebp_compile.cli.common import MiB, StepMemory, build_model, environment, interleaved_times
 
 DECAY, V_TH, ALPHA = 0.2, 1.0, 4.0
 
@@ -123,18 +122,8 @@ def measure(args, T: int, device: torch.device) -> Dict[str, Any]:
     y = torch.randint(0, 10, (args.batch_size,), generator=g).to(device)
     runs = variants(args.width, args.seed, device, args.variants)
     opts = {name: torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9) for name, (_, model) in runs.items()}
-    times: Dict[str, List[float]] = {name: [] for name in runs}
-    first: Dict[str, float] = {}
-    for i in range(args.warmup + args.steps):
-        for name, (runner, model) in runs.items():
-            synchronize(device)
-            start = time.perf_counter()
-            step(runner, model, opts[name], x, y)
-            synchronize(device)
-            elapsed = time.perf_counter() - start
-            first.setdefault(name, elapsed)
-            if i >= args.warmup:
-                times[name].append(elapsed)
+    times, first = interleaved_times({name: (lambda r=runner, m=model, o=opts[name]: step(r, m, o, x, y))
+                                      for name, (runner, model) in runs.items()}, args.warmup, args.steps, device)
     result: Dict[str, Any] = {"T": T}
     for name, (runner, model) in runs.items():
         with StepMemory(device) as mem:

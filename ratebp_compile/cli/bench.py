@@ -15,7 +15,6 @@ import argparse
 import copy
 import os
 import statistics
-import time
 from typing import Any, Dict, List, Tuple
 
 import torch
@@ -24,7 +23,7 @@ from .. import models
 from ..memory import SavedTensorMeter
 from ..options import DEFAULT_MEMORY_BUDGET
 from .common import (MiB, StepMemory, build_model, command_line, default_path, environment, finish_figure,
-                     make_runner, memory_options, pick_device, pyplot, synchronize, train_step, write_json)
+                     interleaved_times, make_runner, memory_options, pick_device, pyplot, train_step, write_json)
 from .data import CLIError
 
 
@@ -75,19 +74,8 @@ def measure(args, T: int, device: torch.device) -> Dict[str, Any]:
         model = copy.deepcopy(base)
         runner = make_runner(model, method, compiled, memory)
         runs[name] = (runner, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9))
-    times: Dict[str, List[float]] = {name: [] for name in runs}
-    first: Dict[str, float] = {}
-    for i in range(args.warmup + args.steps):
-        for name, (runner, opt) in runs.items():
-            synchronize(device)
-            start = time.perf_counter()
-            train_step(runner, opt, x, y)
-            synchronize(device)
-            elapsed = time.perf_counter() - start
-            if i == 0:
-                first[name] = elapsed
-            if i >= args.warmup:
-                times[name].append(elapsed)
+    times, first = interleaved_times({name: (lambda r=runner, o=opt: train_step(r, o, x, y))
+                                      for name, (runner, opt) in runs.items()}, args.warmup, args.steps, device)
     result: Dict[str, Any] = {"T": T}
     for name, (runner, opt) in runs.items():
         entry = {"ms": 1e3 * statistics.median(times[name]), "first_step_s": first[name],

@@ -9,7 +9,8 @@ import os
 import platform
 import secrets
 import sys
-from typing import Any, BinaryIO, Callable, Dict, Optional
+import time
+from typing import Any, BinaryIO, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -116,6 +117,26 @@ def train_step(runner: Callable, optimizer: torch.optim.Optimizer, x: torch.Tens
         loss.backward()
         optimizer.step()
     return loss.detach(), logits.detach()
+
+
+def interleaved_times(steps: Dict[str, Callable[[], Any]], warmup: int, timed: int,
+                      device: torch.device) -> Tuple[Dict[str, List[float]], Dict[str, float]]:
+    """Run each named step ``warmup + timed`` times, the names interleaved (one step of each in turn, so
+    that a slow drift of the machine hits all alike), synchronising ``device`` around each: returns the
+    seconds of the timed steps per name, and of each name's first step (compilation included)."""
+    times: Dict[str, List[float]] = {name: [] for name in steps}
+    first: Dict[str, float] = {}
+    for i in range(warmup + timed):
+        for name, run in steps.items():
+            synchronize(device)
+            start = time.perf_counter()
+            run()
+            synchronize(device)
+            elapsed = time.perf_counter() - start
+            first.setdefault(name, elapsed)
+            if i >= warmup:
+                times[name].append(elapsed)
+    return times, first
 
 
 class StepMemory:
