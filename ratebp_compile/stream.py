@@ -100,7 +100,9 @@ class StreamStage(nn.Module):
     input. Graph inputs: the chunk slices and static inputs, then ``(mean, var)`` of each batch-statistic
     BatchNorm already known. The statistics pass visits the chunks last to first and keeps what it
     computed for the first chunk: ``first_graphs`` computes the first chunk from those BatchNorm inputs
-    (one more graph input each), so that chunk is not computed twice.
+    (one more graph input each), so that chunk is not computed twice. With ``keep_all`` it keeps every
+    chunk's BatchNorm inputs (all T steps of them, when they fit the memory budget) and ``first_graphs``
+    computes every chunk from them: nothing before a BatchNorm is computed twice.
     """
 
     def __init__(self, T: int, bounds: Sequence[Tuple[int, int]], inputs: Sequence[StageInput],
@@ -108,7 +110,7 @@ class StreamStage(nn.Module):
                  value_dtype: torch.dtype, batchnorms: Sequence[str], per_step: Sequence[bool],
                  value_graphs: Dict[str, fx.GraphModule], stats_graphs: Dict[str, fx.GraphModule],
                  first_graphs: Dict[str, fx.GraphModule], description: str = "",
-                 groups: Optional[Sequence[Optional[str]]] = None):
+                 groups: Optional[Sequence[Optional[str]]] = None, keep_all: bool = False):
         super().__init__()
         self.T = T
         self.bounds = list(bounds)
@@ -124,25 +126,29 @@ class StreamStage(nn.Module):
         self.first_graphs = nn.ModuleDict(first_graphs)
         self.description = description
         self.groups = list(groups) if groups is not None else [None] * len(self.batchnorms)
+        self.keep_all = keep_all
 
     def _chunk_args(self, args: Sequence, start: int, length: int) -> List:
         return [a if spec.layout is None else time_slice(a, spec.layout, self.T, start, length)
                 for spec, a in zip(self.inputs, args)]
 
-    def _batch_statistics(self, args: Sequence) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+    def _batch_statistics(self, args: Sequence) -> Tuple[List[torch.Tensor], List[List[torch.Tensor]]]:
         """Pass 1: mean and variance of every batch-statistic BatchNorm of the cone, in order, over the
-        chunks last to first; and each one's input on the first chunk, kept for pass 2."""
+        chunks last to first; and, per chunk, each one's input kept for pass 2: the first chunk's only, or
+        every chunk's with ``keep_all``."""
         known: List[torch.Tensor] = []
-        kept: List[torch.Tensor] = []
+        kept: List[List[torch.Tensor]] = [[] for _ in self.bounds]
         for j, (per_step, group) in enumerate(zip(self.per_step, self.groups)):
             if per_step:
                 continue
             moments = ChannelMoments()
-            for start, length in reversed(self.bounds):
+            for i in reversed(range(len(self.bounds))):
+                start, length = self.bounds[i]
                 (x,) = self.stats_graphs[f"{j}_{length}"](*self._chunk_args(args, start, length), *known)
                 moments.add(x)
-            kept.append(x)
-            del x
+                if self.keep_all or i == 0:
+                    kept[i].append(x)
+                del x
             known.extend(moments.result(group))
         return known, kept
 
@@ -155,10 +161,10 @@ class StreamStage(nn.Module):
         if neuron is not None:      # the neuron scans [n, ...]: time unmerged
             steps_shape = (T, self.value_shape[0] // T) + self.value_shape[1:] if layout.merged else self.value_shape
         value = carry = None
-        for start, length in self.bounds:
-            if kept:
-                x, *stats = self.first_graphs[str(length)](*self._chunk_args(args, start, length), *known, *kept)
-                kept.clear()
+        for i, (start, length) in enumerate(self.bounds):
+            if kept[i]:
+                x, *stats = self.first_graphs[str(length)](*self._chunk_args(args, start, length), *known, *kept[i])
+                kept[i] = []
             else:
                 x, *stats = self.value_graphs[str(length)](*self._chunk_args(args, start, length), *known)
             for chunks, s in zip(per_step_chunks, stats):

@@ -23,7 +23,7 @@ from .infra import (PassResult, check_values, copy_meta, getattr_path, identifie
                     unique_name)
 from .retime import is_constant, retimed_shape_op, retimed_value, retimes
 
-__all__ = ["stream_time", "estimate_peak_bytes", "reuse_dead_inputs", "TIME_CHUNK", "MEMORY_BUDGET", "STREAMED"]
+__all__ = ["stream_time", "estimate_peak_bytes", "kept_bytes", "reuse_dead_inputs", "TIME_CHUNK", "MEMORY_BUDGET", "STREAMED"]
 
 log = logging.getLogger(__name__)
 
@@ -173,8 +173,9 @@ class _StageBuilder:
     """The chunk graphs and the ``StreamStage`` of one sink."""
 
     def __init__(self, spike: fx.GraphModule, planner: _Planner, sink: fx.Node, T: int,
-                 bounds, stored_dtype: Dict[fx.Node, torch.dtype]):
+                 bounds, stored_dtype: Dict[fx.Node, torch.dtype], keep: bool = False):
         self.spike, self.planner, self.sink, self.T = spike, planner, sink, T
+        self.keep = keep
         self.bounds = bounds
         self.cone = planner.cones[sink]
         self.in_cone = set(self.cone)
@@ -294,11 +295,12 @@ class _StageBuilder:
         lengths = sorted({length for _, length in self.bounds})
         value_graphs, stats_graphs, first_graphs = {}, {}, {}
         valued = self.bounds
+        keep = self.keep and bool(self.batch_bns)
         if self.batch_bns:          # the first chunk's BatchNorm inputs are left over from the statistics pass
-            first = self.bounds[0][1]
-            first_graphs[str(first)] = self.chunk_graph([self.value_node], self.batch_bns, first, per_step_stats=True,
+            for n in (lengths if keep else [self.bounds[0][1]]):         # or every chunk's, kept
+                first_graphs[str(n)] = self.chunk_graph([self.value_node], self.batch_bns, n, per_step_stats=True,
                                                         kept=self.batch_bns)
-            valued = self.bounds[1:]
+            valued = [] if keep else self.bounds[1:]
         for n in sorted({length for _, length in valued}):
             value_graphs[str(n)] = self.chunk_graph([self.value_node], self.batch_bns, n, per_step_stats=True)
         for n in lengths:
@@ -311,13 +313,14 @@ class _StageBuilder:
         return StreamStage(
             self.T, self.bounds, self.stage_inputs(), self.neuron, tuple(val.shape), value.meta["ratebp.time"],
             val.dtype, [bn.name for bn in self.batchnorms], [_batchnorm(bn) == "step" for bn in self.batchnorms],
-            value_graphs, stats_graphs, first_graphs, self.describe(), [_group(bn) for bn in self.batchnorms])
+            value_graphs, stats_graphs, first_graphs, self.describe(), [_group(bn) for bn in self.batchnorms], keep)
 
     def describe(self) -> str:
         passes = len(self.batch_bns) + 1
         ops = ", ".join(n.name for n in self.cone if not _is_getitem_of(n, _batchnorm)) or self.value_node.name
         what = f"neuron {self.sink.name}" if self.neuron else f"{self.sink.name} stored whole"
-        return f"{what}: {ops}; {len(self.bounds)} chunks, {passes} pass{'es' if passes > 1 else ''}"
+        kept = ", BatchNorm inputs kept" if self.keep and self.batch_bns else ""
+        return f"{what}: {ops}; {len(self.bounds)} chunks, {passes} pass{'es' if passes > 1 else ''}{kept}"
 
 
 _FRESH_FAMILIES = ("batch_first", "feature_last", "batchnorm", "binary", "mul", "div", "matmul")
@@ -367,7 +370,7 @@ def reuse_dead_inputs(g: fx.Graph, spike: fx.GraphModule) -> None:
                 break
 
 
-def _build(spike: fx.GraphModule, T: int, chunk: int) -> fx.GraphModule:
+def _build(spike: fx.GraphModule, T: int, chunk: int, keep: bool = False) -> fx.GraphModule:
     planner = _Planner(spike)
     planner.plan()
     bounds = chunk_bounds(T, chunk)
@@ -396,7 +399,7 @@ def _build(spike: fx.GraphModule, T: int, chunk: int) -> fx.GraphModule:
         elif node.op == "output":
             g.output(fx.map_arg(node.args[0], outside))
         elif node in sinks:
-            builder = _StageBuilder(spike, planner, node, T, bounds, stored_dtype)
+            builder = _StageBuilder(spike, planner, node, T, bounds, stored_dtype, keep)
             stage = builder.build()
             if builder.neuron:
                 name = "stream_" + identifier(node.meta.get("ratebp.module") or node.name)
@@ -501,12 +504,22 @@ def _budget(program: fx.GraphModule) -> Tuple[Optional[int], str]:
     return budget_bytes(budget, total), ""
 
 
-def _chunk_for_budget(spike: fx.GraphModule, T: int, budget: int) -> Tuple[Optional[int], str]:
-    """The chunk the budget allows (None: all T steps at once) and why, in words: the fewest chunks whose
-    estimated peak fits, or one step at a time when none does."""
+def kept_bytes(spike: fx.GraphModule) -> int:
+    """What keeping the BatchNorm inputs of one stage costs, at most: all T steps of the inputs of the
+    batch-statistic BatchNorms in one neuron's cone (kept, the convolutions before them run once)."""
+    planner = _Planner(spike)
+    planner.plan()
+    return max((sum(tensor_val(n.args[0]).numel() * tensor_val(n.args[0]).element_size()
+                    for n in cone if _batchnorm(n) == "batch") for cone in planner.cones.values()), default=0)
+
+
+def _chunk_for_budget(spike: fx.GraphModule, T: int, budget: int) -> Tuple[Optional[int], bool, str]:
+    """The chunk the budget allows (None: all T steps at once), whether the BatchNorm inputs are kept
+    rather than recomputed, and why, in words: the fewest chunks whose estimated peak fits (one step at a
+    time when none does), keeping the BatchNorm inputs when that fits too."""
     need = estimate_peak_bytes(spike, T)
     if need <= budget:
-        return None, f"estimated peak {format_bytes(need)} ≤ memory budget {format_bytes(budget)}"
+        return None, False, f"estimated peak {format_bytes(need)} ≤ memory budget {format_bytes(budget)}"
     lo, hi = 2, T                      # number of chunks: the estimate falls as it grows
     while lo < hi:
         count = (lo + hi) // 2
@@ -519,8 +532,11 @@ def _chunk_for_budget(spike: fx.GraphModule, T: int, budget: int) -> Tuple[Optio
     if est > budget:
         warnings.warn(f"ratebp_compile: the spike pass needs about {format_bytes(est)} even one step at a time, "
                       f"over the memory budget of {format_bytes(budget)}; it runs one step at a time", stacklevel=3)
-    return chunk, f"estimated peak {format_bytes(est)}, {format_bytes(need)} at once; memory budget " \
-                  f"{format_bytes(budget)}"
+    extra = kept_bytes(spike)
+    keep = 0 < extra and est + extra <= budget
+    why = f"estimated peak {format_bytes(est + extra if keep else est)}, {format_bytes(need)} at once; memory " \
+          f"budget {format_bytes(budget)}"
+    return chunk, keep, why + ("; BatchNorm inputs kept, not recomputed" if keep else "")
 
 
 def _n_outputs(stage: StreamStage) -> int:
@@ -544,7 +560,9 @@ def stream_time(program: fx.GraphModule) -> PassResult:
     The budget (``program.meta["ratebp.memory_budget"]``: bytes, or a fraction of the device's memory) is
     checked against :func:`estimate_peak_bytes`, computed from the spike graph's values without running
     anything. Within it the spike pass runs all T steps at once, the fastest schedule; over it, in the
-    fewest chunks whose estimate fits (one step at a time, with a warning, when none does).
+    fewest chunks whose estimate fits (one step at a time, with a warning, when none does), keeping each
+    stage's BatchNorm inputs for all T steps rather than computing them twice when that fits too
+    (:func:`kept_bytes`).
     ``program.meta["ratebp.time_chunk"]`` forces chunks of that many steps whatever the memory.
 
     The spike graph is cut into *stages*, one per neuron (and one per value other code needs for all
@@ -553,7 +571,8 @@ def stream_time(program: fx.GraphModule) -> PassResult:
     and stores the spikes, 1 byte each, for the later stages. A BatchNorm with statistics over time and
     batch in a cone costs one more pass over the chunks (its input's per-channel moments first, last
     chunk to first, then normalisation with them): the ops before it run twice on every chunk but the
-    first. Values two stages need are stored once; views are recomputed. Within the budget, with T at
+    first, unless the stage keeps the BatchNorm's input of every chunk from the first pass. Values two
+    stages need are stored once; views are recomputed. Within the budget, with T at
     most one chunk, or for a graph the streamed form does not handle (warned), nothing changes;
     ``program.meta["ratebp.streamed"]`` says which schedule runs and why, with the estimate.
 
@@ -591,13 +610,13 @@ def stream_time(program: fx.GraphModule) -> PassResult:
     graph's outputs are those of the unstreamed one (BatchNorm statistics to rounding).
     """
     T = program.meta["ratebp.T"]
-    chunk = program.meta.get(TIME_CHUNK)
+    chunk, keep = program.meta.get(TIME_CHUNK), False
     if chunk is not None:
         why = f"time_chunk = {chunk}"
     else:
         budget, why = _budget(program)
         if budget is not None:
-            chunk, why = (None, "T = 1") if T == 1 else _chunk_for_budget(program.spike, T, budget)
+            chunk, keep, why = (None, False, "T = 1") if T == 1 else _chunk_for_budget(program.spike, T, budget)
     if chunk is None:
         program.meta[STREAMED] = f"all T steps at once ({why})"
         return PassResult(program, False)
@@ -605,7 +624,7 @@ def stream_time(program: fx.GraphModule) -> PassResult:
         program.meta[STREAMED] = f"all T steps at once (T = {T} ≤ {why})"
         return PassResult(program, False)
     try:
-        streamed = _build(program.spike, T, chunk)
+        streamed = _build(program.spike, T, chunk, keep)
     except _CannotStream as e:
         reason = str(e)
         program.meta[STREAMED] = f"all T steps at once: {reason}"

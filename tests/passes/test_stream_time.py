@@ -347,7 +347,7 @@ def test_spike_pass_never_exceeds_its_memory_budget(name):
         assert len(bounds) == min(fits), (budget, bounds, fits)        # the fewest chunks that fit
         chunks_seen.add(chunk)
         assert program.meta["ratebp.streamed"].startswith(f"in chunks of at most {chunk} of the T = {T} steps")
-        assert program.meta["ratebp.streamed"].endswith(f"memory budget {format_bytes(budget)})")
+        assert f"memory budget {format_bytes(budget)}" in program.meta["ratebp.streamed"]
         assert _spike_peak(tm, x) <= budget, budget
         torch.testing.assert_close(out.detach(), ref[0], rtol=1e-10, atol=1e-12)
         for k, p in twin.named_parameters():
@@ -401,3 +401,50 @@ def test_time_chunk_overrides_the_budget():
     tm(x)
     assert tm.compiled.step.meta["ratebp.streamed"] == "in chunks of at most 5 of the T = 20 steps (4 chunks; " \
                                                        "time_chunk = 5)"
+
+
+class _Convolutions(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the convolutions run under it."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func is torch.ops.aten.convolution.default
+        return func(*args, **(kwargs or {}))
+
+
+def test_batchnorm_inputs_kept_rather_than_recomputed_when_they_fit():
+    """Streamed under a budget with room for one stage's BatchNorm inputs of all T steps, every stage keeps
+    them from the statistics pass: each convolution runs once per chunk (not twice), the measured peak stays
+    within the budget, and the step equals the unstreamed one. With less room they are recomputed."""
+    from ratebp_compile.passes.stream_time import estimate_peak_bytes, kept_bytes
+
+    model, x = _budget_case("resnet18", torch.float64)
+    T = x.shape[0]
+    unstreamed, _ = prepare(copy.deepcopy(model), [x], "compact_spikes", inclusive=False)
+    two_chunks, kept = estimate_peak_bytes(unstreamed.spike, T, T // 2), kept_bytes(unstreamed.spike)
+    assert 0 < kept
+    convs_per_step = sum(isinstance(m, nn.Conv2d) for m in model.modules())
+    y = torch.randint(0, 10, (x.shape[1],))
+    loss = lambda out: F.cross_entropy(out.mean(0), y)        # noqa: E731
+    ref = _step(copy.deepcopy(model), x, None, loss=loss, memory_budget=None)
+    for budget, keeps in ((two_chunks + kept, True), (two_chunks, False)):
+        twin = copy.deepcopy(model)
+        out, grads, _, tm = _step(twin, x, None, loss=loss, memory_budget=budget)
+        program = tm.compiled.step
+        assert program.meta["ratebp.streamed"].startswith(f"in chunks of at most {T // 2} of the T = {T} steps")
+        assert program.meta["ratebp.streamed"].endswith("BatchNorm inputs kept, not recomputed)") == keeps
+        stages = [m for m in _stages(program).values() if m.batchnorms]
+        assert stages and all(m.keep_all == keeps for m in stages)
+        if keeps:
+            assert all(not m.value_graphs and sorted(m.first_graphs) == [str(T // 2)] for m in stages)
+        counter = _Convolutions()
+        with torch.no_grad(), counter:
+            program.spike(x)
+        assert counter.count == convs_per_step * (2 if keeps else 3)     # twice on the second chunk otherwise
+        assert _spike_peak(tm, x) <= budget
+        torch.testing.assert_close(out, ref[0], rtol=1e-10, atol=1e-12)
+        for k in ref[1]:
+            torch.testing.assert_close(grads[k], ref[1][k], rtol=1e-9, atol=1e-11, msg=k)
