@@ -532,7 +532,8 @@ def _chunk_for_budget(spike: fx.GraphModule, T: int, budget: int) -> Tuple[Optio
     if est > budget:
         warnings.warn(f"ratebp_compile: the spike pass needs about {format_bytes(est)} even one step at a time, "
                       f"over the memory budget of {format_bytes(budget)}; it runs one step at a time", stacklevel=3)
-    extra = kept_bytes(spike)
+    n = max(length for _, length in chunk_bounds(T, chunk))
+    extra = kept_bytes(spike) * (T - n) // T          # the estimate holds one chunk's share already
     keep = 0 < extra and est + extra <= budget
     why = f"estimated peak {format_bytes(est + extra if keep else est)}, {format_bytes(need)} at once; memory " \
           f"budget {format_bytes(budget)}"
