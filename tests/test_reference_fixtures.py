@@ -79,11 +79,12 @@ def _assert_step_matches(blob, meta, model, out, key):
 
 
 def _kernel_paths():
-    """Where the fused ops run: their PyTorch reference on CPU, and the Triton kernels — compiled for the
-    GPU, model and data moved there ("cuda"), or interpreted on CPU ("kernels")."""
+    """Where the fused ops run: their CPU path ("cpu": the spike pass's C loop, or its PyTorch reference
+    without a C compiler; the BPTT pair's reference), and the Triton kernels — compiled for the GPU, model
+    and data moved there ("cuda"), or interpreted on CPU ("kernels")."""
     if not kernels.triton_available():
-        return ["cpu-reference"]
-    return ["cpu-reference", "cuda"] if torch.cuda.is_available() else ["kernels", "cpu-reference"]
+        return ["cpu"]
+    return ["cpu", "cuda"] if torch.cuda.is_available() else ["kernels", "cpu"]
 
 
 def _to(blob, model, device, monkeypatch):
@@ -102,7 +103,7 @@ def _to(blob, model, device, monkeypatch):
 @pytest.mark.parametrize("method", ["ratebp", "bptt"])
 @pytest.mark.parametrize("path", FILES, ids=[p.stem for p in FILES])
 def test_one_training_step_matches_the_authors(path, method, kernel_path, monkeypatch):
-    if kernel_path == "cpu-reference":
+    if kernel_path == "cpu":
         monkeypatch.setattr(kernels.lif, "_INTERPRET", False)
     blob, meta, model = _load(path)
     if kernel_path == "cuda":
