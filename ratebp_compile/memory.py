@@ -161,17 +161,30 @@ def graph_peak_bytes(gm, transient=None, resize=None) -> int:
     return peak
 
 
+#: Where a Linux container's memory limit is (cgroup v2, then v1).
+_CGROUP_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
+
+
 def device_memory_bytes(device: torch.device) -> Optional[int]:
-    """The memory of ``device``: a CUDA device's total, the machine's physical memory for the CPU; None
-    where unknown."""
+    """The memory of ``device``: a CUDA device's total; for the CPU the machine's physical memory, or the
+    container's memory limit where that is lower; None where unknown."""
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory
-    if device.type == "cpu":
+    if device.type != "cpu":
+        return None
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+    for path in _CGROUP_LIMITS:
         try:
-            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        except (ValueError, OSError, AttributeError):
-            return None
-    return None
+            with open(path) as f:
+                limit = f.read().strip()
+        except OSError:
+            continue
+        if limit.isdigit():
+            total = min(total, int(limit))
+    return total
 
 
 def format_bytes(nbytes: int) -> str:

@@ -133,8 +133,20 @@ def test_format_bytes():
         ["512 B", "40 KiB", "3.5 MiB", "12 GiB"]
 
 
-def test_device_memory_bytes():
+def test_device_memory_bytes(tmp_path, monkeypatch):
+    """The CPU's memory is the machine's, or a container's lower limit."""
+    import os
+
+    from ratebp_compile import memory
     from ratebp_compile.memory import device_memory_bytes
 
-    assert device_memory_bytes(torch.device("cpu")) > 2 ** 30
+    physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    assert 2 ** 30 < device_memory_bytes(torch.device("cpu")) <= physical
     assert device_memory_bytes(torch.device("meta")) is None
+    limit, unlimited = tmp_path / "memory.max", tmp_path / "none"
+    limit.write_text("1073741824\n")
+    unlimited.write_text("max\n")
+    monkeypatch.setattr(memory, "_CGROUP_LIMITS", (str(unlimited), str(tmp_path / "missing"), str(limit)))
+    assert device_memory_bytes(torch.device("cpu")) == min(physical, 2 ** 30)
+    monkeypatch.setattr(memory, "_CGROUP_LIMITS", (str(unlimited),))
+    assert device_memory_bytes(torch.device("cpu")) == physical
