@@ -9,6 +9,7 @@ import torch
 import torch.fx as fx
 
 from ..capture import propagate_shapes
+from ..hooks import ModuleHooks
 from ..nn.spec import NeuronSpec
 from ..oprules import is_view
 from ..oprules.table import is_inplace_method
@@ -23,7 +24,8 @@ PASS = "compact_spikes"
 
 def _readers(spikes: fx.Node, gm: fx.GraphModule) -> Optional[List[fx.Node]]:
     """The nodes that read the spikes through any chain of views, or None if one of them may write into
-    them (an in-place op), which a copy would hide from the others."""
+    them (an in-place op, or a forward hook, which may change its module's output), which a copy would
+    hide from the others."""
     readers, seen, stack = [], set(), [spikes]
     while stack:
         node = stack.pop()
@@ -31,7 +33,7 @@ def _readers(spikes: fx.Node, gm: fx.GraphModule) -> Optional[List[fx.Node]]:
             if user in seen:
                 continue
             seen.add(user)
-            if is_inplace_method(user) or user.kwargs.get("inplace"):
+            if is_inplace_method(user) or user.kwargs.get("inplace") or isinstance(user.target, ModuleHooks):
                 return None
             if is_view(user, gm):
                 stack.append(user)
@@ -69,7 +71,7 @@ def compact_spikes(program: fx.GraphModule) -> PassResult:
     written into it (the restored shortcut's sum into the BatchNorm's output). At the peak of a ResNet's
     spike pass this saves about one layer's activations in three. Spikes are 0 or 1, so the round trip is
     exact. Only an unstreamed spike pass is changed (a streamed one does both already); spikes some reader
-    updates in place are left as they are.
+    updates in place, or a forward hook sees, are left as they are.
 
     Before (the program's spike graph, a residual block)::
 

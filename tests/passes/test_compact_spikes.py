@@ -129,3 +129,17 @@ def test_the_training_step_is_unchanged():
     assert torch.equal(out, out_ref)
     for (name, p), q in zip(model.named_parameters(), twin.parameters()):
         assert torch.equal(p.grad, q.grad), name
+
+
+def test_spikes_a_forward_hook_sees_are_left_alone():
+    """A forward hook receives the spikes themselves and may write into them; a 1-byte copy would hide that
+    from the layers reading them after, so hooked spikes are not compacted."""
+    model = Residual()
+    seen = []
+    model.sn0.register_forward_hook(lambda module, args, output: seen.append(output.sum().item()))
+    x = torch.rand(3, 2, 4) * 2
+    program, _ = prepare(model, [x], "compact_spikes", inclusive=False)
+    spike = program.spike
+    result = compact_spikes(program)
+    assert not result.modified and result.gm.spike is spike
+    assert ".to(torch.uint8)" not in spike.code
