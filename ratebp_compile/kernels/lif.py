@@ -437,7 +437,9 @@ def _use_cpu_loop(x: torch.Tensor) -> bool:
 
 def _cpu_scan(x: torch.Tensor, state: torch.Tensor, lam, v_threshold, v_reset, decay_input, detach_reset, surrogate,
               width, strict, delayed_reset, spike_dtype) -> torch.Tensor:
-    """``lif_cpu.spike_scan`` on ``x`` ``[n, ...]`` (widened to the state's dtype): the chunk's spikes."""
+    """``lif_cpu.spike_scan`` on ``x`` ``[n, ...]`` (widened to the state's dtype): the chunk's spikes, in
+    ``spike_dtype`` (None: x's)."""
+    spike_dtype = spike_dtype or x.dtype
     steps = x.shape[0]
     xs = x.to(state.dtype).reshape(steps, -1).contiguous()
     wide = spike_dtype if spike_dtype == torch.uint8 else state.dtype

@@ -56,6 +56,8 @@ def test_half_precision_and_uint8_spikes(dtype):
     assert torch.equal(ours[0], ref[0]) and torch.equal(ours[1], ref[1])
     for a, b in zip(ours[2:], ref[2:]):
         torch.testing.assert_close(a, b)
+    spikes = K.lif_spike_pass_cpu(x, **args, decay_tangent=True, spike_dtype=None)[0]    # x's dtype, as the reference
+    assert spikes.dtype == dtype and torch.equal(spikes, K.lif_spike_pass_reference(x, **args, decay_tangent=True)[0])
 
 
 @pytest.mark.parametrize("case", [CASES[0], CASES[-1], VARIANT_CASES[-1]], ids=lambda c: _ids(c))
