@@ -110,7 +110,6 @@ def saved_bytes_on_fake(gm, args) -> int:
     return meter.bytes
 
 
-
 def _storages(val) -> Dict[int, torch.Tensor]:
     """``{storage id: tensor}`` of the tensors in a node's ``meta["val"]``."""
     return {t.untyped_storage()._cdata: t for t in tree_leaves(val) if isinstance(t, torch.Tensor)}

@@ -292,10 +292,10 @@ def spike_scan(x: torch.Tensor, state: torch.Tensor, spikes: torch.Tensor, lam, 
     if threads == 1:
         fn(*pointers, 0, n, *args)
         return
-    if _pool_size < threads:
-        if _pool is not None:
-            _pool.shutdown(wait=False)
-        _pool, _pool_size = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ratebp_lif_cpu"), threads
+    with _lock:                # a larger pool when more threads are asked for; one in use stays usable
+        if _pool_size < threads:
+            _pool, _pool_size = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ratebp_lif_cpu"), threads
+        pool = _pool
     bounds = [n * i // threads for i in range(threads + 1)]
     bounds = [b - b % 512 if 0 < b < n else b for b in bounds]           # whole blocks per thread
-    list(_pool.map(lambda i: fn(*pointers, bounds[i], bounds[i + 1], *args), range(threads)))
+    list(pool.map(lambda i: fn(*pointers, bounds[i], bounds[i + 1], *args), range(threads)))
