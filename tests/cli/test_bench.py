@@ -6,14 +6,19 @@ import pytest
 from ratebp_compile.cli import main
 
 
-def test_bench_writes_table_json_and_png(capsys, tmp_path):
+def _bench(capsys, out, *options):
+    """``ratebp bench`` on a tiny conv net on the CPU, writing ``out``: its stdout."""
     pytest.importorskip("matplotlib")
-    out = tmp_path / "bench.json"
     code = main(["bench", "--model", "convnet", "--width", "4", "--batch-size", "4", "--input-size", "8",
-                 "--channels", "1", "--T", "2", "3", "--steps", "1", "--time-chunk", "2", "--device", "cpu",
-                 "--out", str(out)])
+                 "--channels", "1", "--steps", "1", "--device", "cpu", "--out", str(out), *options])
     stdout = capsys.readouterr().out
     assert code == 0
+    return stdout
+
+
+def test_bench_writes_table_json_and_png(capsys, tmp_path):
+    out = tmp_path / "bench.json"
+    stdout = _bench(capsys, out, "--T", "2", "3", "--time-chunk", "2")
     assert "| T | bptt ms | ratebp ms | time rate/BPTT |" in stdout
     png = tmp_path / "bench.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -27,13 +32,8 @@ def test_bench_writes_table_json_and_png(capsys, tmp_path):
 
 def test_bench_compares_memory_budgets(capsys, tmp_path):
     """Several budgets: one rate-based variant each, their ratios to BPTT, and how each ran its spike pass."""
-    pytest.importorskip("matplotlib")
     out = tmp_path / "bench.json"
-    code = main(["bench", "--model", "convnet", "--width", "4", "--batch-size", "4", "--input-size", "8",
-                 "--channels", "1", "--T", "4", "--steps", "1", "--memory-budget", "none", "76k", "--device", "cpu",
-                 "--out", str(out)])
-    stdout = capsys.readouterr().out
-    assert code == 0
+    stdout = _bench(capsys, out, "--T", "4", "--memory-budget", "none", "76k")
     assert "| T | bptt ms | ratebp@none ms | ratebp@76k ms | time ratebp@none/BPTT | time ratebp@76k/BPTT |" in stdout
     (r,) = json.loads(out.read_text())["results"]
     assert r["ratebp@none"]["spike_pass"] == "all T steps at once (no memory budget)"
