@@ -612,25 +612,25 @@ def stream_time(program: fx.GraphModule) -> PassResult:
     """
     T = program.meta["ratebp.T"]
     chunk, keep = program.meta.get(TIME_CHUNK), False
-    if chunk is not None:
-        why = f"time_chunk = {chunk}"
-    else:
-        budget, why = _budget(program)
-        if budget is not None:
-            chunk, keep, why = (None, False, "T = 1") if T == 1 else _chunk_for_budget(program.spike, T, budget)
-    if chunk is None:
-        program.meta[STREAMED] = f"all T steps at once ({why})"
-        return PassResult(program, False)
-    if T <= chunk:
-        program.meta[STREAMED] = f"all T steps at once (T = {T} ≤ {why})"
-        return PassResult(program, False)
-    try:
+    try:          # the estimate plans the stages too: a graph they cannot express fails it as it fails _build
+        if chunk is not None:
+            why = f"time_chunk = {chunk}"
+        else:
+            budget, why = _budget(program)
+            if budget is not None:
+                chunk, keep, why = (None, False, "T = 1") if T == 1 else _chunk_for_budget(program.spike, T, budget)
+        if chunk is None:
+            program.meta[STREAMED] = f"all T steps at once ({why})"
+            return PassResult(program, False)
+        if T <= chunk:
+            program.meta[STREAMED] = f"all T steps at once (T = {T} ≤ {why})"
+            return PassResult(program, False)
         streamed = _build(program.spike, T, chunk, keep)
     except _CannotStream as e:
         reason = str(e)
         program.meta[STREAMED] = f"all T steps at once: {reason}"
         warnings.warn(f"ratebp_compile: the spike pass runs all {T} steps at once (its memory grows with T), "
-                      f"not in chunks of {chunk}: {reason}", stacklevel=2)
+                      f"not in chunks of time: {reason}", stacklevel=2)
         return PassResult(program, False)
     program.spike = streamed
     program.meta[STREAMED] = f"in chunks of at most {chunk} of the T = {T} steps ({len(chunk_bounds(T, chunk))} " \

@@ -211,6 +211,10 @@ def test_graphs_it_cannot_stream_run_unstreamed_with_a_warning():
     assert "is not used" in tm.compiled.step.meta["ratebp.streamed"]
     ref = _step(copy.deepcopy(model), x, None)
     torch.testing.assert_close(out, ref[0])
+    with pytest.warns(UserWarning, match="runs all 5 steps at once.*is not used"):     # over a budget alike
+        out, _, _, tm = _step(copy.deepcopy(model), x, None, memory_budget=1024)
+    assert not _stages(tm.compiled.step) and "is not used" in tm.compiled.step.meta["ratebp.streamed"]
+    torch.testing.assert_close(out, ref[0])
 
 
 class _InputBN(nn.Module):
