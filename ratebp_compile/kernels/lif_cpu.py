@@ -1,19 +1,26 @@
 """The LIF family's spike pass as one fused CPU loop: C compiled on first use, called through ctypes.
 
 The PyTorch reference (``lif_math``) runs each timestep as a dozen elementwise ops over the whole layer,
-each reading and writing it from memory. Here the loop state of a block of 512 elements stays in the
-CPU's first-level cache across the T steps: one pass reads the input currents, writes the spikes and
-accumulates r and e — the spike pass of ``ratebp::lif_spike_pass`` and ``ratebp::lif_spike_scan`` on CPU
-tensors. Threads split the blocks (the calls release the GIL), as many as ``torch.get_num_threads()``.
+each reading and writing it from memory. Here the state of a few vectors of elements stays in registers
+across the T steps: one pass reads the input currents, writes the spikes and accumulates r and e — the
+spike pass of ``ratebp::lif_spike_pass`` and ``ratebp::lif_spike_scan`` on CPU tensors. The loop is
+written with the C compiler's vector extensions (32-byte vectors), three vectors interleaved so that the
+core has independent work while one waits on a division.
+
+Threads split the elements, as many as ``torch.get_num_threads()``. Where PyTorch runs its operators on
+GNU OpenMP (``libgomp``, as its Linux wheels do), the library is built with ``-fopenmp`` and joins that
+same runtime: its threads are the ones PyTorch's convolutions just used, rather than a second set that
+would compete with them for the cores while they spin-wait. Elsewhere a Python thread pool splits the
+elements (the calls release the GIL).
 
 The arithmetic is the reference's, operation for operation and in its dtype (float32, or float64 for
 float64 inputs; half-precision inputs are widened first), compiled without contracting products and
-sums into FMAs, so that the compiler vectorises it but rounds as the reference does: spikes, r and the
-membrane are bitwise the reference's; the sigmoid surrogate's ``exp`` is a polynomial here (about one
-ulp), so ψ, and with it e, may differ in the last bits. The library is built with the system's C
-compiler (``cc``, or ``$CC``) into ``$RATEBP_CACHE`` (default ``~/.cache/ratebp_compile``), keyed by the
-source's hash and the CPU; without a compiler, or with ``RATEBP_CPU_LOOP=0``, :func:`available` is False
-and the ops run the reference.
+sums into FMAs, so that it rounds as the reference does: spikes, r and the membrane are bitwise the
+reference's; the sigmoid surrogate's ``exp`` is a polynomial here (about one ulp), so ψ, and with it e,
+may differ in the last bits. The library is built with the system's C compiler (``cc``, or ``$CC``) into
+``$RATEBP_CACHE`` (default ``~/.cache/ratebp_compile``), keyed by the source's hash, the flags and the
+CPU; without a compiler, or with ``RATEBP_CPU_LOOP=0``, :func:`available` is False and the ops run the
+reference.
 """
 from __future__ import annotations
 
@@ -28,6 +35,7 @@ import subprocess
 import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from string import Template
 from typing import Optional
 
 import torch
@@ -39,160 +47,225 @@ log = logging.getLogger(__name__)
 #: The surrogates by index, as in the Triton kernels.
 SURROGATES = ("sigmoid", "atan", "rectangular", "triangle")
 
-_SOURCE = r"""
-#include <math.h>
+_HEADER = r"""
 #include <stdint.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
-#define BLOCK 512
+/* Vectors of 32 bytes (8 float32 or 4 float64 lanes) through the compiler's vector extensions: AVX
+   registers on x86-64, register pairs on AArch64, scalar code where there is no SIMD. */
+typedef float vf32 __attribute__((vector_size(32)));
+typedef int32_t vi32 __attribute__((vector_size(32)));
+typedef uint8_t vu8x8 __attribute__((vector_size(8)));
+typedef double vf64 __attribute__((vector_size(32)));
+typedef int64_t vi64 __attribute__((vector_size(32)));
+typedef uint8_t vu8x4 __attribute__((vector_size(4)));
 
-/* e^a in float32 / float64, vectorisable (no library call): a = n·ln2 + f, |f| ≤ ln2/2, e^f by a polynomial
-   (Cephes' minimax one in float32, Taylor to degree 13 in float64), 2^n from the exponent bits; about one
-   ulp, a clamped to the normal range. */
-static inline float exp32(float a) {
-    a = a < -87.3f ? -87.3f : a;
-    a = a > 88.0f ? 88.0f : a;
-    const float n = rintf(a * 1.44269504088896341f);
-    const float f = (a - n * 0.693359375f) - n * -2.12194440e-4f;
-    float p = 1.9875691500E-4f;
+/* Vectors interleaved per pass over the steps: independent work for the core while one waits on a
+   division or the exponential's polynomial. */
+#define GROUP 3
+
+#define INLINE static inline __attribute__((always_inline))
+#define SPLAT(V, c) ((V){0} + (c))
+#define SELECT(I, V, mask, a, b) ((V)(((I)(a) & (mask)) | ((I)(b) & ~(mask))))
+
+int openmp(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* e^a, about one ulp, a clamped to the normal range: a = n·ln2 + f with |f| ≤ ln2/2, e^f by a polynomial
+   (Cephes' minimax one in float32, Taylor to degree 13 in float64), 2^n from the exponent bits; n is
+   rounded to nearest by adding and subtracting 1.5·2^23 (1.5·2^52), which is exact for these |n|. */
+INLINE vf32 exp_f32(vf32 a) {
+    a = SELECT(vi32, vf32, a < -87.3f, SPLAT(vf32, -87.3f), a);
+    a = SELECT(vi32, vf32, a > 88.0f, SPLAT(vf32, 88.0f), a);
+    const vf32 n = (a * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+    const vf32 f = (a - n * 0.693359375f) - n * -2.12194440e-4f;
+    vf32 p = SPLAT(vf32, 1.9875691500E-4f);
     p = p * f + 1.3981999507E-3f; p = p * f + 8.3334519073E-3f; p = p * f + 4.1665795894E-2f;
     p = p * f + 1.6666665459E-1f; p = p * f + 5.0000001201E-1f;
     p = p * (f * f) + f + 1.0f;
-    union { int32_t i; float f; } scale = { .i = ((int32_t)n + 127) << 23 };
-    return p * scale.f;
+    return p * (vf32)((__builtin_convertvector(n, vi32) + 127) << 23);
 }
 
-static inline double exp64(double a) {
-    a = a < -708.0 ? -708.0 : a;
-    a = a > 709.0 ? 709.0 : a;
-    const double n = rint(a * 1.4426950408889634);
-    const double f = (a - n * 6.93145751953125E-1) - n * 1.42860682030941723212E-6;
-    double p = 1.0 / 6227020800.0;
+INLINE vf64 exp_f64(vf64 a) {
+    a = SELECT(vi64, vf64, a < -708.0, SPLAT(vf64, -708.0), a);
+    a = SELECT(vi64, vf64, a > 709.0, SPLAT(vf64, 709.0), a);
+    const vf64 n = (a * 1.4426950408889634 + 6755399441055744.0) - 6755399441055744.0;
+    const vf64 f = (a - n * 6.93145751953125E-1) - n * 1.42860682030941723212E-6;
+    vf64 p = SPLAT(vf64, 1.0 / 6227020800.0);
     p = p * f + 1.0 / 479001600.0; p = p * f + 1.0 / 39916800.0; p = p * f + 1.0 / 3628800.0;
     p = p * f + 1.0 / 362880.0; p = p * f + 1.0 / 40320.0; p = p * f + 1.0 / 5040.0; p = p * f + 1.0 / 720.0;
     p = p * f + 1.0 / 120.0; p = p * f + 1.0 / 24.0; p = p * f + 1.0 / 6.0; p = p * f + 0.5;
     p = p * (f * f) + f + 1.0;
-    union { int64_t i; double f; } scale = { .i = (int64_t)((int32_t)n + 1023) << 52 };
-    return p * scale.f;
+    return p * (vf64)((__builtin_convertvector(n, vi64) + 1023) << 52);
 }
-
-/* One chunk of time for elements [begin, end) of a layer of n: x [steps, n], state rows [5 or 7, n]
-   (v, kappa, dv/dh, sum s, sum psi*kappa, then mu, sum psi*mu with the decay tangent), spikes [steps, n].
-   Per step and block of elements, three branch-free loops the compiler vectorises: the membrane and the
-   spike; psi of the chosen surrogate; the sums, dv/dh and the reset. */
-#define SCAN(NAME, REAL, SPIKE, EXP)                                                                         \
-void NAME(const REAL *restrict x, SPIKE *restrict spikes, REAL *restrict state, int64_t steps, int64_t n,    \
-          int64_t begin, int64_t end,                                                                        \
-          REAL lam, REAL one_minus_lam, REAL v_threshold, REAL v_reset, REAL width, REAL half_pi_width,     \
-          int decay_input, int hard_reset, int detach_reset, int surrogate, int strict, int delayed_reset,    \
-          int tangent) {                                                                                     \
-    const REAL k0 = decay_input ? one_minus_lam : (REAL)1.0;                                                 \
-    const REAL one = 1, zero = 0, half_width = width / (REAL)2.0;                                           \
-    const int delayed_hard = delayed_reset && hard_reset, delayed_soft = delayed_reset && !hard_reset;     \
-    REAL *sv = state, *sk = state + n, *sd = state + 2 * n, *sr = state + 3 * n, *se = state + 4 * n;       \
-    REAL *sm = state + 5 * n, *sl = state + 6 * n;                                                           \
-    for (int64_t b = begin; b < end; b += BLOCK) {                                                           \
-        const int64_t m = (end - b < BLOCK) ? end - b : BLOCK;                                               \
-        REAL v[BLOCK], kappa[BLOCK], dvdh[BLOCK], r[BLOCK], e[BLOCK], mu[BLOCK], el[BLOCK];                 \
-        REAL h[BLOCK], u[BLOCK], s[BLOCK], psi[BLOCK], vin[BLOCK], rsv[BLOCK];                              \
-        memcpy(v, sv + b, m * sizeof(REAL)); memcpy(kappa, sk + b, m * sizeof(REAL));                       \
-        memcpy(dvdh, sd + b, m * sizeof(REAL)); memcpy(r, sr + b, m * sizeof(REAL));                        \
-        memcpy(e, se + b, m * sizeof(REAL));                                                                 \
-        if (tangent) { memcpy(mu, sm + b, m * sizeof(REAL)); memcpy(el, sl + b, m * sizeof(REAL)); }        \
-        for (int64_t t = 0; t < steps; ++t) {                                                                \
-            const REAL *restrict xt = x + t * n + b;                                                         \
-            SPIKE *restrict st = spikes + t * n + b;                                                         \
-            for (int64_t j = 0; j < m; ++j) {   /* the potential charged from (delayed reset) */              \
-                const REAL vj = v[j], ur = vj - v_threshold;                                                 \
-                const REAL fr = (strict ? ur > 0 : ur >= 0) ? one : zero;                                    \
-                const REAL rs = delayed_reset ? fr : zero;                                                   \
-                const REAL v_hard = (one - rs) * vj + rs * v_reset;                                          \
-                vin[j] = delayed_hard ? v_hard : vj;                                                         \
-                rsv[j] = rs;                                                                                 \
-            }                                                                                                \
-            for (int64_t j = 0; j < m; ++j) {   /* charge, fire */                                            \
-                const REAL c = xt[j], v_in = vin[j];                                                         \
-                const REAL h_in = v_in + (c - v_in) * one_minus_lam, h_no = v_in * lam + c;                 \
-                const REAL hj = decay_input ? h_in : h_no;                                                   \
-                const REAL h_soft = hj - rsv[j] * v_threshold;                                               \
-                const REAL hh = delayed_soft ? h_soft : hj;                                                  \
-                const REAL uj = hh - v_threshold;                                                            \
-                s[j] = (strict ? uj > 0 : uj >= 0) ? one : zero;                                             \
-                h[j] = hh; u[j] = uj;                                                                        \
-            }                                                                                                \
-            for (int64_t j = 0; j < m; ++j)     /* the sensitivity to the input */                            \
-                kappa[j] = k0 + lam * dvdh[j] * kappa[j];                                                    \
-            if (tangent) {                      /* and to the decay */                                        \
-                for (int64_t j = 0; j < m; ++j) {                                                            \
-                    const REAL c = xt[j], base_in = vin[j] - c, base = decay_input ? base_in : vin[j];       \
-                    mu[j] = base + lam * dvdh[j] * mu[j];                                                    \
-                }                                                                                            \
-            }                                                                                                \
-            if (surrogate == 0) {                                                                            \
-                for (int64_t j = 0; j < m; ++j) {                                                            \
-                    const REAL sg = one / (one + EXP(-(u[j] * width)));                                      \
-                    psi[j] = (one - sg) * sg * width;                                                        \
-                }                                                                                            \
-            } else if (surrogate == 1) {                                                                     \
-                for (int64_t j = 0; j < m; ++j) {                                                            \
-                    const REAL a = u[j] * half_pi_width;                                                     \
-                    psi[j] = half_width / (one + a * a);                                                     \
-                }                                                                                            \
-            } else if (surrogate == 2) {                                                                     \
-                for (int64_t j = 0; j < m; ++j) {                                                            \
-                    const REAL au = u[j] < 0 ? -u[j] : u[j];                                                 \
-                    psi[j] = (au < half_width ? one : zero) / width;                                         \
-                }                                                                                            \
-            } else {                                                                                         \
-                for (int64_t j = 0; j < m; ++j) {                                                            \
-                    const REAL au = u[j] < 0 ? -u[j] : u[j];                                                 \
-                    const REAL tri = one - au / width;                                                       \
-                    psi[j] = (tri > 0 ? tri : zero) / width;                                                 \
-                }                                                                                            \
-            }                                                                                                \
-            for (int64_t j = 0; j < m; ++j) {   /* the sums */                                                \
-                r[j] += s[j];                                                                                \
-                e[j] += psi[j] * kappa[j];                                                                   \
-            }                                                                                                \
-            if (tangent)                                                                                     \
-                for (int64_t j = 0; j < m; ++j)                                                              \
-                    el[j] += psi[j] * mu[j];                                                                 \
-            for (int64_t j = 0; j < m; ++j) {   /* dv/dh through the reset */                                 \
-                const REAL sj = s[j], pj = psi[j];                                                           \
-                const REAL hard_det = one - sj, hard_nodet = one - sj - (h[j] - v_reset) * pj;               \
-                const REAL soft_nodet = one - v_threshold * pj;                                              \
-                const REAL hard = detach_reset ? hard_det : hard_nodet, soft = detach_reset ? one : soft_nodet; \
-                dvdh[j] = hard_reset ? hard : soft;                                                          \
-            }                                                                                                \
-            for (int64_t j = 0; j < m; ++j) {   /* the reset, the spike */                                    \
-                const REAL sj = s[j], hj = h[j];                                                             \
-                const REAL v_hard = (one - sj) * hj + sj * v_reset, v_soft = hj - sj * v_threshold;          \
-                const REAL after = hard_reset ? v_hard : v_soft;                                             \
-                v[j] = delayed_reset ? hj : after;                                                           \
-                st[j] = (SPIKE)sj;                                                                           \
-            }                                                                                                \
-        }                                                                                                    \
-        memcpy(sv + b, v, m * sizeof(REAL)); memcpy(sk + b, kappa, m * sizeof(REAL));                       \
-        memcpy(sd + b, dvdh, m * sizeof(REAL)); memcpy(sr + b, r, m * sizeof(REAL));                        \
-        memcpy(se + b, e, m * sizeof(REAL));                                                                 \
-        if (tangent) { memcpy(sm + b, mu, m * sizeof(REAL)); memcpy(sl + b, el, m * sizeof(REAL)); }        \
-    }                                                                                                        \
-}
-
-SCAN(scan_f32, float, float, exp32)
-SCAN(scan_f32_u8, float, uint8_t, exp32)
-SCAN(scan_f64, double, double, exp64)
-SCAN(scan_f64_u8, double, uint8_t, exp64)
 """
 
-# No FMA contraction (the reference's rounding); no trapping math, so that selects may be computed on
-# both sides and the loops vectorise (results are unchanged: only floating-point exceptions are ignored).
+# One instance per input and spike dtype: $NAME; the real type $R, its vector $V, the mask $I, $LANES lanes;
+# the spike type $S and the vector $SV of spikes stored; $EXP.
+_SCAN = Template(r"""
+typedef struct {
+    $R lam, one_minus_lam, v_threshold, v_reset, width, half_pi_width;
+    int decay_input, hard_reset, detach_reset, strict, delayed_reset;
+} ${NAME}_params;
+
+/* One step of one vector: charge with c, fire, update the state (v, kappa, dv/dh, r, e, mu, e_lambda),
+   return the spikes; the scalar recurrence of lif_math, operation for operation. */
+INLINE $V ${NAME}_step(const ${NAME}_params *p, const int surrogate, const int tangent, const $V c, $V *v,
+                       $V *kappa, $V *dvdh, $V *r, $V *e, $V *mu, $V *el) {
+    const $V one = SPLAT($V, 1), zero = SPLAT($V, 0);
+    const $R k0 = p->decay_input ? p->one_minus_lam : ($R)1.0, half_width = p->width / ($R)2.0;
+    /* the potential charged from (delayed reset) */
+    const $V ur = *v - p->v_threshold;
+    const $V rs = p->delayed_reset ? SELECT($I, $V, p->strict ? ur > 0 : ur >= 0, one, zero) : zero;
+    const $V v_in = p->delayed_reset && p->hard_reset ? (one - rs) * *v + rs * p->v_reset : *v;
+    /* charge, fire */
+    const $V h_charged = p->decay_input ? v_in + (c - v_in) * p->one_minus_lam : v_in * p->lam + c;
+    const $V h = p->delayed_reset && !p->hard_reset ? h_charged - rs * p->v_threshold : h_charged;
+    const $V u = h - p->v_threshold;
+    const $V s = SELECT($I, $V, p->strict ? u > 0 : u >= 0, one, zero);
+    /* the sensitivity to the input, and to the decay */
+    *kappa = k0 + p->lam * *dvdh * *kappa;
+    if (tangent)
+        *mu = (p->decay_input ? v_in - c : v_in) + p->lam * *dvdh * *mu;
+    /* the surrogate's psi */
+    $V psi;
+    if (surrogate == 0) {
+        const $V sg = one / (one + $EXP(-(u * p->width)));
+        psi = (one - sg) * sg * p->width;
+    } else if (surrogate == 1) {
+        const $V a = u * p->half_pi_width;
+        psi = half_width / (one + a * a);
+    } else {
+        const $V au = SELECT($I, $V, u < 0, -u, u);
+        if (surrogate == 2) {
+            psi = SELECT($I, $V, au < half_width, one, zero) / p->width;
+        } else {
+            const $V tri = one - au / p->width;
+            psi = SELECT($I, $V, tri > 0, tri, zero) / p->width;
+        }
+    }
+    /* the sums, dv/dh through the reset, the reset */
+    *r = *r + s;
+    *e = *e + psi * *kappa;
+    if (tangent)
+        *el = *el + psi * *mu;
+    const $V hard = p->detach_reset ? one - s : one - s - (h - p->v_reset) * psi;
+    const $V soft = p->detach_reset ? one : one - p->v_threshold * psi;
+    *dvdh = p->hard_reset ? hard : soft;
+    const $V after = p->hard_reset ? (one - s) * h + s * p->v_reset : h - s * p->v_threshold;
+    *v = p->delayed_reset ? h : after;
+    return s;
+}
+
+/* `groups` vectors of `count` lanes each from element j on: their state loaded into registers, every step
+   run, the state stored back. */
+INLINE void ${NAME}_lanes(const ${NAME}_params *p, const int surrogate, const int tangent, const int groups,
+                          const int count, const $R *restrict x, $S *restrict spikes, $R *restrict state,
+                          const int64_t steps, const int64_t n, const int64_t j) {
+    $V v[GROUP], kappa[GROUP], dvdh[GROUP], r[GROUP], e[GROUP], mu[GROUP], el[GROUP];
+    const size_t bytes = count * sizeof($R);
+    for (int k = 0; k < groups; ++k) {
+        const int64_t i = j + k * $LANES;
+        v[k] = kappa[k] = dvdh[k] = r[k] = e[k] = mu[k] = el[k] = SPLAT($V, 0);
+        memcpy(&v[k], state + i, bytes); memcpy(&kappa[k], state + n + i, bytes);
+        memcpy(&dvdh[k], state + 2 * n + i, bytes); memcpy(&r[k], state + 3 * n + i, bytes);
+        memcpy(&e[k], state + 4 * n + i, bytes);
+        if (tangent) { memcpy(&mu[k], state + 5 * n + i, bytes); memcpy(&el[k], state + 6 * n + i, bytes); }
+    }
+    for (int64_t t = 0; t < steps; ++t) {
+        for (int k = 0; k < groups; ++k) {
+            const int64_t i = t * n + j + k * $LANES;
+            $V c = SPLAT($V, 0);
+            memcpy(&c, x + i, bytes);
+            const $SV s = __builtin_convertvector(${NAME}_step(p, surrogate, tangent, c, &v[k], &kappa[k],
+                                                               &dvdh[k], &r[k], &e[k], &mu[k], &el[k]), $SV);
+            memcpy(spikes + i, &s, count * sizeof($S));
+        }
+    }
+    for (int k = 0; k < groups; ++k) {
+        const int64_t i = j + k * $LANES;
+        memcpy(state + i, &v[k], bytes); memcpy(state + n + i, &kappa[k], bytes);
+        memcpy(state + 2 * n + i, &dvdh[k], bytes); memcpy(state + 3 * n + i, &r[k], bytes);
+        memcpy(state + 4 * n + i, &e[k], bytes);
+        if (tangent) { memcpy(state + 5 * n + i, &mu[k], bytes); memcpy(state + 6 * n + i, &el[k], bytes); }
+    }
+}
+
+INLINE void ${NAME}_range(const ${NAME}_params *p, const int surrogate, const int tangent,
+                          const $R *restrict x, $S *restrict spikes, $R *restrict state, int64_t steps,
+                          int64_t n, int64_t begin, int64_t end) {
+    int64_t j = begin;
+    for (; j + GROUP * $LANES <= end; j += GROUP * $LANES)
+        ${NAME}_lanes(p, surrogate, tangent, GROUP, $LANES, x, spikes, state, steps, n, j);
+    for (; j + $LANES <= end; j += $LANES)
+        ${NAME}_lanes(p, surrogate, tangent, 1, $LANES, x, spikes, state, steps, n, j);
+    if (j < end)
+        ${NAME}_lanes(p, surrogate, tangent, 1, (int)(end - j), x, spikes, state, steps, n, j);
+}
+
+/* Elements [begin, end) of a layer of n: x [steps, n], state rows [5 or 7, n] (v, kappa, dv/dh, sum s,
+   sum psi*kappa, then mu, sum psi*mu with the decay tangent), spikes [steps, n]; split over `threads`
+   OpenMP threads when built with OpenMP (the runtime PyTorch's own operators run on). */
+void $NAME(const $R *restrict x, $S *restrict spikes, $R *restrict state, int64_t steps, int64_t n,
+           int64_t begin, int64_t end, $R lam, $R one_minus_lam, $R v_threshold, $R v_reset, $R width,
+           $R half_pi_width, int decay_input, int hard_reset, int detach_reset, int surrogate, int strict,
+           int delayed_reset, int tangent, int threads) {
+    const ${NAME}_params p = {lam, one_minus_lam, v_threshold, v_reset, width, half_pi_width, decay_input,
+                              hard_reset, detach_reset, strict, delayed_reset};
+#define ${NAME}_CASE(SURROGATE, TANGENT) ${NAME}_range(&p, SURROGATE, TANGENT, x, spikes, state, steps, n, b, e)
+#define ${NAME}_SPECIALISED                                                                                  \
+    switch (surrogate * 2 + (tangent != 0)) {                                                                \
+    case 0: ${NAME}_CASE(0, 0); break; case 1: ${NAME}_CASE(0, 1); break;                                    \
+    case 2: ${NAME}_CASE(1, 0); break; case 3: ${NAME}_CASE(1, 1); break;                                    \
+    case 4: ${NAME}_CASE(2, 0); break; case 5: ${NAME}_CASE(2, 1); break;                                    \
+    case 6: ${NAME}_CASE(3, 0); break; default: ${NAME}_CASE(3, 1); break;                                   \
+    }
+#ifdef _OPENMP
+    if (threads > 1) {
+#pragma omp parallel num_threads(threads)
+        {
+            const int64_t id = omp_get_thread_num(), team = omp_get_num_threads(), unit = GROUP * $LANES;
+            const int64_t units = (end - begin + unit - 1) / unit;
+            const int64_t b = begin + units * id / team * unit;
+            const int64_t e_ = begin + units * (id + 1) / team * unit, e = e_ < end ? e_ : end;
+            if (b < e) { ${NAME}_SPECIALISED }
+        }
+        return;
+    }
+#endif
+    (void)threads;
+    const int64_t b = begin, e = end;
+    ${NAME}_SPECIALISED
+#undef ${NAME}_CASE
+#undef ${NAME}_SPECIALISED
+}
+""")
+
+_SOURCE = _HEADER + "".join(
+    _SCAN.substitute(NAME=name, R=real, V=vector, I=mask, LANES=lanes, S=spike, SV=spike_vector, EXP=exp)
+    for name, real, vector, mask, lanes, spike, spike_vector, exp in (
+        ("scan_f32", "float", "vf32", "vi32", 8, "float", "vf32", "exp_f32"),
+        ("scan_f32_u8", "float", "vf32", "vi32", 8, "uint8_t", "vu8x8", "exp_f32"),
+        ("scan_f64", "double", "vf64", "vi64", 4, "double", "vf64", "exp_f64"),
+        ("scan_f64_u8", "double", "vf64", "vi64", 4, "uint8_t", "vu8x4", "exp_f64")))
+
+# No FMA contraction (the reference's rounding); no math errno or trapping math (results unchanged: only
+# floating-point exceptions are ignored).
 _FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-fPIC", "-shared",
           "-std=c11"]
 
 _lock = threading.Lock()
 _lib: Optional[ctypes.CDLL] = None
 _reason: Optional[str] = None
+_openmp = False          # whether the library splits the elements itself, on PyTorch's OpenMP threads
 _pool: Optional[ThreadPoolExecutor] = None
 _pool_size = 0
 
@@ -213,11 +286,18 @@ def _cpu_signature() -> str:
     return signature
 
 
-def _build() -> ctypes.CDLL:
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        raise RuntimeError("no C compiler (cc, gcc or $CC) on the PATH")
-    key = hashlib.sha256((_SOURCE + " ".join(_FLAGS) + compiler + _cpu_signature()).encode()).hexdigest()[:16]
+def _torch_runs_libgomp() -> bool:
+    """Whether this process has GNU OpenMP loaded (PyTorch's Linux wheels run their operators on it): a
+    library built with ``-fopenmp`` then binds to that same ``libgomp.so.1`` and shares its threads."""
+    try:
+        with open("/proc/self/maps") as f:
+            return any("/libgomp" in line for line in f)
+    except OSError:
+        return False
+
+
+def _compile(compiler: str, flags: list) -> ctypes.CDLL:
+    key = hashlib.sha256((_SOURCE + " ".join(flags) + compiler + _cpu_signature()).encode()).hexdigest()[:16]
     directory = _cache_dir()
     path = os.path.join(directory, f"lif_cpu_{key}.so")
     if not os.path.exists(path):
@@ -226,16 +306,32 @@ def _build() -> ctypes.CDLL:
             src, out = os.path.join(tmp, "lif_cpu.c"), os.path.join(tmp, "lif_cpu.so")
             with open(src, "w") as f:
                 f.write(_SOURCE)
-            done = subprocess.run([compiler, *_FLAGS, src, "-o", out, "-lm"], capture_output=True, text=True)
+            done = subprocess.run([compiler, *flags, src, "-o", out, "-lm"], capture_output=True, text=True)
             if done.returncode != 0:
                 raise RuntimeError(f"{compiler} failed: {done.stderr.strip()[:2000]}")
             os.replace(out, path)            # atomic: a concurrent build leaves one complete library
-    lib = ctypes.CDLL(path)
+    return ctypes.CDLL(path)
+
+
+def _build() -> ctypes.CDLL:
+    global _openmp
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        raise RuntimeError("no C compiler (cc, gcc or $CC) on the PATH")
+    lib = None
+    if _torch_runs_libgomp():
+        try:
+            lib = _compile(compiler, _FLAGS + ["-fopenmp"])
+        except (OSError, RuntimeError) as e:    # no OpenMP with this compiler: a thread pool splits the work
+            log.info("ratebp_compile: the CPU spike pass is built without OpenMP (%s)", e)
+    lib = lib or _compile(compiler, _FLAGS)
+    lib.openmp.restype = ctypes.c_int
+    _openmp = bool(lib.openmp())
     for real, name in ((ctypes.c_float, "scan_f32"), (ctypes.c_float, "scan_f32_u8"), (ctypes.c_double, "scan_f64"),
                        (ctypes.c_double, "scan_f64_u8")):
         fn = getattr(lib, name)
         fn.restype = None
-        fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4 + [real] * 6 + [ctypes.c_int] * 7
+        fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4 + [real] * 6 + [ctypes.c_int] * 8
     return lib
 
 
@@ -289,13 +385,13 @@ def spike_scan(x: torch.Tensor, state: torch.Tensor, spikes: torch.Tensor, lam, 
             SURROGATES.index(surrogate), int(strict), int(delayed_reset), int(state.shape[0] == 7))
     pointers = (x.data_ptr(), spikes.data_ptr(), state.data_ptr(), steps, n)
     threads = _threads(n)
-    if threads == 1:
-        fn(*pointers, 0, n, *args)
+    if threads == 1 or _openmp:
+        fn(*pointers, 0, n, *args, threads)
         return
     with _lock:                # a larger pool when more threads are asked for; one in use stays usable
         if _pool_size < threads:
             _pool, _pool_size = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ratebp_lif_cpu"), threads
         pool = _pool
     bounds = [n * i // threads for i in range(threads + 1)]
-    bounds = [b - b % 512 if 0 < b < n else b for b in bounds]           # whole blocks per thread
-    list(pool.map(lambda i: fn(*pointers, bounds[i], bounds[i + 1], *args), range(threads)))
+    bounds = [b - b % 24 if 0 < b < n else b for b in bounds]      # whole groups of vectors per thread
+    list(pool.map(lambda i: fn(*pointers, bounds[i], bounds[i + 1], *args, 1), range(threads)))

@@ -1,7 +1,8 @@
 """The fused CPU spike pass (``kernels.lif_cpu``) against the PyTorch reference it replaces on CPU: every
 neuron × reset × detach × surrogate × input decay, the strict tie rule and the delayed reset; float32 and
 float64 (spikes, r and the loop state bitwise; e within the last bit of ψ), half precision, uint8 spikes,
-chunks of time resumed from the state, several threads, and the ops taking this path on CPU."""
+chunks of time resumed from the state, several threads (OpenMP or a thread pool) and one OpenMP
+runtime, and the ops taking this path on CPU."""
 import pytest
 import torch
 
@@ -83,7 +84,13 @@ def test_chunks_resumed_from_the_state_equal_the_whole_pass(case):
     torch.testing.assert_close(e, whole[2], rtol=1e-6, atol=1e-6)
 
 
-def test_several_threads_split_the_elements_alike():
+@pytest.mark.parametrize("openmp", [True, False], ids=["openmp", "thread-pool"])
+def test_several_threads_split_the_elements_alike(openmp, monkeypatch):
+    """Split over threads (on PyTorch's OpenMP threads, or a Python pool where the library has no OpenMP),
+    with a length that leaves a partial vector: the same outputs as one thread."""
+    if openmp and not lif_cpu._openmp:
+        pytest.skip("the library was built without OpenMP here")
+    monkeypatch.setattr(lif_cpu, "_openmp", openmp)
     args = _cpu_args(CASES[5], torch.float32)
     x = _x(5, (70001,), torch.float32)
     threads = torch.get_num_threads()
@@ -96,6 +103,16 @@ def test_several_threads_split_the_elements_alike():
         torch.set_num_threads(threads)
     for a, b in zip(one[:3], three[:3]):
         assert torch.equal(a, b)
+
+
+def test_openmp_build_joins_the_runtime_torch_loaded():
+    """Built with OpenMP, the library binds to the ``libgomp`` PyTorch loaded, not to a second copy whose
+    threads would compete with PyTorch's for the cores."""
+    if not lif_cpu._openmp:
+        pytest.skip("the library was built without OpenMP here")
+    with open("/proc/self/maps") as f:
+        copies = {line.split()[-1] for line in f if "/libgomp" in line}
+    assert len(copies) == 1
 
 
 def test_the_ops_run_it_on_cpu(monkeypatch):
