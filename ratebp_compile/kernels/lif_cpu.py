@@ -7,32 +7,20 @@ spike pass of ``ratebp::lif_spike_pass`` and ``ratebp::lif_spike_scan`` on CPU t
 written with the C compiler's vector extensions (32-byte vectors), three vectors interleaved so that the
 core has independent work while one waits on a division.
 
-Threads split the elements, as many as ``torch.get_num_threads()``. Where PyTorch runs its operators on
-GNU OpenMP (``libgomp``, as its Linux wheels do), the library is built with ``-fopenmp`` and joins that
-same runtime: its threads are the ones PyTorch's convolutions just used, rather than a second set that
-would compete with them for the cores while they spin-wait. Elsewhere a Python thread pool splits the
-elements (the calls release the GIL).
+Threads split the elements, as many as ``torch.get_num_threads()``: PyTorch's own OpenMP threads where
+the library joins that runtime (``clib``), a Python thread pool elsewhere (the calls release the GIL).
 
 The arithmetic is the reference's, operation for operation and in its dtype (float32, or float64 for
 float64 inputs; half-precision inputs are widened first), compiled without contracting products and
 sums into FMAs, so that it rounds as the reference does: spikes, r and the membrane are bitwise the
 reference's; the sigmoid surrogate's ``exp`` is a polynomial here (about one ulp), so ψ, and with it e,
-may differ in the last bits. The library is built with the system's C compiler (``cc``, or ``$CC``) into
-``$RATEBP_CACHE`` (default ``~/.cache/ratebp_compile``), keyed by the source's hash, the flags and the
-CPU; without a compiler, or with ``RATEBP_CPU_LOOP=0``, :func:`available` is False and the ops run the
-reference.
+may differ in the last bits. Without a C compiler, or with ``RATEBP_CPU_LOOP=0``, :func:`available` is
+False and the ops run the reference.
 """
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import logging
 import math
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from string import Template
@@ -40,44 +28,17 @@ from typing import Optional
 
 import torch
 
-__all__ = ["available", "unavailable_reason", "spike_scan", "SURROGATES"]
+from .clib import CLibrary
 
-log = logging.getLogger(__name__)
+__all__ = ["available", "unavailable_reason", "spike_scan", "SURROGATES", "LIBRARY"]
 
 #: The surrogates by index, as in the Triton kernels.
 SURROGATES = ("sigmoid", "atan", "rectangular", "triangle")
 
 _HEADER = r"""
-#include <stdint.h>
-#include <string.h>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
-/* Vectors of 32 bytes (8 float32 or 4 float64 lanes) through the compiler's vector extensions: AVX
-   registers on x86-64, register pairs on AArch64, scalar code where there is no SIMD. */
-typedef float vf32 __attribute__((vector_size(32)));
-typedef int32_t vi32 __attribute__((vector_size(32)));
-typedef uint8_t vu8x8 __attribute__((vector_size(8)));
-typedef double vf64 __attribute__((vector_size(32)));
-typedef int64_t vi64 __attribute__((vector_size(32)));
-typedef uint8_t vu8x4 __attribute__((vector_size(4)));
-
 /* Vectors interleaved per pass over the steps: independent work for the core while one waits on a
    division or the exponential's polynomial. */
 #define GROUP 3
-
-#define INLINE static inline __attribute__((always_inline))
-#define SPLAT(V, c) ((V){0} + (c))
-#define SELECT(I, V, mask, a, b) ((V)(((I)(a) & (mask)) | ((I)(b) & ~(mask))))
-
-int openmp(void) {
-#ifdef _OPENMP
-    return 1;
-#else
-    return 0;
-#endif
-}
 
 /* e^a, about one ulp, a clamped to the normal range: a = n·ln2 + f with |f| ≤ ln2/2, e^f by a polynomial
    (Cephes' minimax one in float32, Taylor to degree 13 in float64), 2^n from the exponent bits; n is
@@ -257,109 +218,30 @@ _SOURCE = _HEADER + "".join(
         ("scan_f64", "double", "vf64", "vi64", 4, "double", "vf64", "exp_f64"),
         ("scan_f64_u8", "double", "vf64", "vi64", 4, "uint8_t", "vu8x4", "exp_f64")))
 
-# No FMA contraction (the reference's rounding); no math errno or trapping math (results unchanged: only
-# floating-point exceptions are ignored).
-_FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-fPIC", "-shared",
-          "-std=c11"]
-
-_lock = threading.Lock()
-_lib: Optional[ctypes.CDLL] = None
-_reason: Optional[str] = None
-_openmp = False          # whether the library splits the elements itself, on PyTorch's OpenMP threads
-_pool: Optional[ThreadPoolExecutor] = None
-_pool_size = 0
 
 
-def _cache_dir() -> str:
-    return os.environ.get("RATEBP_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "ratebp_compile")
-
-
-def _cpu_signature() -> str:
-    """What ``-march=native`` compiled for: the machine and its instruction-set flags (Linux), so that a
-    cache shared between machines never hands one a library built for another."""
-    signature = platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            signature += next((line for line in f if line.startswith(("flags", "Features"))), "")
-    except OSError:
-        pass
-    return signature
-
-
-def _torch_runs_libgomp() -> bool:
-    """Whether this process has GNU OpenMP loaded (PyTorch's Linux wheels run their operators on it): a
-    library built with ``-fopenmp`` then binds to that same ``libgomp.so.1`` and shares its threads."""
-    try:
-        with open("/proc/self/maps") as f:
-            return any("/libgomp" in line for line in f)
-    except OSError:
-        return False
-
-
-def _compile(compiler: str, flags: list) -> ctypes.CDLL:
-    key = hashlib.sha256((_SOURCE + " ".join(flags) + compiler + _cpu_signature()).encode()).hexdigest()[:16]
-    directory = _cache_dir()
-    path = os.path.join(directory, f"lif_cpu_{key}.so")
-    if not os.path.exists(path):
-        os.makedirs(directory, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=directory) as tmp:
-            src, out = os.path.join(tmp, "lif_cpu.c"), os.path.join(tmp, "lif_cpu.so")
-            with open(src, "w") as f:
-                f.write(_SOURCE)
-            done = subprocess.run([compiler, *flags, src, "-o", out, "-lm"], capture_output=True, text=True)
-            if done.returncode != 0:
-                raise RuntimeError(f"{compiler} failed: {done.stderr.strip()[:2000]}")
-            os.replace(out, path)            # atomic: a concurrent build leaves one complete library
-    return ctypes.CDLL(path)
-
-
-def _build() -> ctypes.CDLL:
-    global _openmp
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        raise RuntimeError("no C compiler (cc, gcc or $CC) on the PATH")
-    lib = None
-    if _torch_runs_libgomp():
-        try:
-            lib = _compile(compiler, _FLAGS + ["-fopenmp"])
-        except (OSError, RuntimeError) as e:    # no OpenMP with this compiler: a thread pool splits the work
-            log.info("ratebp_compile: the CPU spike pass is built without OpenMP (%s)", e)
-    lib = lib or _compile(compiler, _FLAGS)
-    lib.openmp.restype = ctypes.c_int
-    _openmp = bool(lib.openmp())
+def _declare(lib: ctypes.CDLL) -> None:
     for real, name in ((ctypes.c_float, "scan_f32"), (ctypes.c_float, "scan_f32_u8"), (ctypes.c_double, "scan_f64"),
                        (ctypes.c_double, "scan_f64_u8")):
         fn = getattr(lib, name)
         fn.restype = None
         fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4 + [real] * 6 + [ctypes.c_int] * 8
-    return lib
 
 
-def _library() -> Optional[ctypes.CDLL]:
-    global _lib, _reason
-    if _lib is None and _reason is None:
-        with _lock:
-            if os.environ.get("RATEBP_CPU_LOOP") == "0":
-                _reason = "turned off by RATEBP_CPU_LOOP=0"
-            if _lib is None and _reason is None:
-                try:
-                    _lib = _build()
-                except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-                    _reason = str(e)
-                    log.info("ratebp_compile: the fused CPU spike pass is unavailable (%s); the PyTorch "
-                             "reference runs instead", _reason)
-    return _lib
+LIBRARY = CLibrary("lif_cpu", _SOURCE, _declare)
+_lock = threading.Lock()
+_pool: Optional[ThreadPoolExecutor] = None
+_pool_size = 0
 
 
 def available() -> bool:
     """Whether the fused CPU loop can run (built now if it was not yet)."""
-    return _library() is not None
+    return LIBRARY.get() is not None
 
 
 def unavailable_reason() -> Optional[str]:
     """Why :func:`available` is False (None while it is True or not yet tried)."""
-    _library()
-    return _reason
+    return LIBRARY.unavailable_reason()
 
 
 def _threads(n: int) -> int:
@@ -374,7 +256,7 @@ def spike_scan(x: torch.Tensor, state: torch.Tensor, spikes: torch.Tensor, lam, 
     or uint8, contiguous). ``lam``: λ, a Python float or a 0-d tensor (a learned decay), whose 1 − λ is
     rounded as the reference rounds it. See ``lif_math`` for the recurrence and the state's rows."""
     global _pool, _pool_size
-    lib = _library()
+    lib = LIBRARY.get()
     steps, n = x.shape
     name = {torch.float32: "scan_f32", torch.float64: "scan_f64"}[x.dtype] + \
         ("_u8" if spikes.dtype == torch.uint8 else "")
@@ -385,7 +267,7 @@ def spike_scan(x: torch.Tensor, state: torch.Tensor, spikes: torch.Tensor, lam, 
             SURROGATES.index(surrogate), int(strict), int(delayed_reset), int(state.shape[0] == 7))
     pointers = (x.data_ptr(), spikes.data_ptr(), state.data_ptr(), steps, n)
     threads = _threads(n)
-    if threads == 1 or _openmp:
+    if threads == 1 or LIBRARY.openmp:
         fn(*pointers, 0, n, *args, threads)
         return
     with _lock:                # a larger pool when more threads are asked for; one in use stays usable

@@ -88,9 +88,9 @@ def test_chunks_resumed_from_the_state_equal_the_whole_pass(case):
 def test_several_threads_split_the_elements_alike(openmp, monkeypatch):
     """Split over threads (on PyTorch's OpenMP threads, or a Python pool where the library has no OpenMP),
     with a length that leaves a partial vector: the same outputs as one thread."""
-    if openmp and not lif_cpu._openmp:
+    if openmp and not lif_cpu.LIBRARY.openmp:
         pytest.skip("the library was built without OpenMP here")
-    monkeypatch.setattr(lif_cpu, "_openmp", openmp)
+    monkeypatch.setattr(lif_cpu.LIBRARY, "openmp", openmp)
     args = _cpu_args(CASES[5], torch.float32)
     x = _x(5, (70001,), torch.float32)
     threads = torch.get_num_threads()
@@ -108,7 +108,7 @@ def test_several_threads_split_the_elements_alike(openmp, monkeypatch):
 def test_openmp_build_joins_the_runtime_torch_loaded():
     """Built with OpenMP, the library binds to the ``libgomp`` PyTorch loaded, not to a second copy whose
     threads would compete with PyTorch's for the cores."""
-    if not lif_cpu._openmp:
+    if not lif_cpu.LIBRARY.openmp:
         pytest.skip("the library was built without OpenMP here")
     with open("/proc/self/maps") as f:
         copies = {line.split()[-1] for line in f if "/libgomp" in line}
