@@ -19,9 +19,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .collectives import global_moments, sum_gradient_over_ranks, sum_over_ranks, world_size
+from .kernels import batchnorm_cpu
 from .nn.functional import rate_neuron
 
-__all__ = ["without_grad", "spike_batch_norm", "spike_batch_norm_per_step", "per_step_batch_norm",
+__all__ = ["without_grad", "batch_moments", "spike_batch_norm", "spike_batch_norm_per_step", "per_step_batch_norm",
            "chunk_batch_norm", "chunk_batch_norm_", "rate_batch_norm", "batch_norm_no_update", "sync_batch_norm",
            "update_batch_norm_stats", "time_average", "route_gradient", "rate_neuron", "state_output",
            "dropout_mask"]
@@ -46,10 +47,15 @@ def _count(x: torch.Tensor) -> int:
     return x.numel() // x.shape[1]
 
 
-def _local_moments(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and biased variance of a BatchNorm input, in float32 for half-precision inputs (as
-    ``native_batch_norm`` reports them; ``batch_norm_update_stats`` would round them to the input's dtype)."""
-    return torch.batch_norm_update_stats(x if x.dtype in (torch.float32, torch.float64) else x.float(), None, None, 0.0)
+def batch_moments(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and biased variance of a BatchNorm input ``[N, C, ...]``, in float32 for
+    half-precision inputs (as ``native_batch_norm`` reports them; ``batch_norm_update_stats`` would round
+    them to the input's dtype); on CPU through ``kernels.batchnorm_cpu`` where it takes x."""
+    x = x if x.dtype in (torch.float32, torch.float64) else x.float()
+    if batchnorm_cpu.usable(x):
+        _, mean, var = batchnorm_cpu.batch_norm(x, None, None, 0.0, normalise=False)
+        return mean, var
+    return torch.batch_norm_update_stats(x, None, None, 0.0)
 
 
 def spike_batch_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float,
@@ -58,12 +64,15 @@ def spike_batch_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Opti
 
     Returns ``(y, mean, var)`` with the biased variance, both per channel (float32 for half inputs), over
     every rank's batch when ``group`` is set. Running statistics are not touched here: the program updates
-    them once the step has succeeded (:func:`update_batch_norm_stats`).
+    them once the step has succeeded (:func:`update_batch_norm_stats`). On CPU, ``kernels.batchnorm_cpu``
+    where it takes x (several times faster than ``native_batch_norm``'s statistics; equal to rounding).
     """
+    if group is None and batchnorm_cpu.usable(x, weight, bias):
+        return batchnorm_cpu.batch_norm(x, weight, bias, eps)
     if group is None:
         y, mean, invstd = torch.native_batch_norm(x, weight, bias, None, None, True, 0.0, eps)
         return y, mean, invstd.pow(-2) - eps
-    mean, var = _local_moments(x)
+    mean, var = batch_moments(x)
     mean, var, _ = global_moments(mean, var, _count(x), group)
     return F.batch_norm(x, mean, var, weight, bias, False, 0.0, eps), mean, var
 
@@ -83,7 +92,7 @@ def spike_batch_norm_per_step(x: torch.Tensor, weight: Optional[torch.Tensor], b
         outs = [spike_batch_norm(x_t, weight, bias, eps) for x_t in x.chunk(T)]
         return torch.cat([o[0] for o in outs]), torch.stack([o[1] for o in outs]), torch.stack([o[2] for o in outs])
     steps = x.chunk(T)
-    local = [_local_moments(x_t) for x_t in steps]
+    local = [batch_moments(x_t) for x_t in steps]
     means, variances, _ = global_moments(torch.stack([m for m, _ in local]), torch.stack([v for _, v in local]),
                                          _count(steps[0]), group)
     y = torch.cat([F.batch_norm(x_t, m, v, weight, bias, False, 0.0, eps) for x_t, m, v in zip(steps, means, variances)])
@@ -191,7 +200,7 @@ def sync_batch_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optio
     if steps is not None:
         return torch.cat([sync_batch_norm(x_t, weight, bias, running, eps, momentum, group) for x_t in x.chunk(steps)])
     with torch.no_grad():
-        mean, var = _local_moments(x)
+        mean, var = batch_moments(x)
         mean, var, total = global_moments(mean, var, _count(x), group)
     s1, s2, _ = _global_sums(x, group, sum_gradient_over_ranks)
     mean_x = s1 / total.to(s1.dtype)

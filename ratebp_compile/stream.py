@@ -21,6 +21,7 @@ import torch.fx as fx
 from torch import nn
 
 from .collectives import global_moments
+from .graph_ops import batch_moments
 from .nn.spec import NeuronSpec
 from .time_layout import TimeLayout
 
@@ -56,7 +57,7 @@ class ChannelMoments:
 
     def add(self, x: torch.Tensor) -> None:
         acc = torch.promote_types(x.dtype, torch.float32)
-        mean, var = torch.batch_norm_update_stats(x.to(acc), None, None, 0.0)     # biased variance
+        mean, var = batch_moments(x)                                               # biased variance
         n = x.numel() // x.shape[1]
         mean, m2 = mean.double(), var.double() * n
         if self.mean is None:

@@ -1,9 +1,11 @@
 """Fused neuron kernels registered as ``torch.library`` custom ops (namespace ``ratebp``).
 
 The ops are always registered; they run the Triton kernels on CUDA tensors when Triton is installed
-(``triton_available()``), and their PyTorch reference (``lif_math``) otherwise. This package is a
-leaf: it works on tensors and scalars and imports nothing else from ``ratebp_compile``; which neuron
-runs as which op is decided by the neuron's family (``ratebp_compile.families``).
+(``triton_available()``), the spike pass's C loop on CPU tensors (``lif_cpu``), and their PyTorch reference
+(``lif_math``) otherwise. ``batchnorm_cpu`` is the spike pass's training-mode BatchNorm on CPU; both C
+libraries are built on first use by ``clib``. This package is a leaf: it works on tensors and scalars
+and imports nothing else from ``ratebp_compile``; which neuron runs as which op is decided by the
+neuron's family (``ratebp_compile.families``).
 """
 from __future__ import annotations
 
