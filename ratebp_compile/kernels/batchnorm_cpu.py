@@ -99,9 +99,11 @@ LIBRARY = CLibrary("batchnorm_cpu", _SOURCE, _declare)
 
 
 def _plain(t: Optional[torch.Tensor], x: torch.Tensor) -> bool:
-    """A real (not fake or subclassed) CPU tensor in x's dtype, contiguous, outside autograd."""
-    return t is None or (type(t) is torch.Tensor and t.device.type == "cpu" and t.dtype == x.dtype
-                         and t.is_contiguous() and not (t.requires_grad and torch.is_grad_enabled()))
+    """A real CPU tensor or parameter (not a fake or other subclass) in x's dtype, contiguous, outside
+    autograd."""
+    return t is None or (type(t) in (torch.Tensor, torch.nn.Parameter) and t.device.type == "cpu"
+                         and t.dtype == x.dtype and t.is_contiguous()
+                         and not (t.requires_grad and torch.is_grad_enabled()))
 
 
 def usable(x: torch.Tensor, weight: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None) -> bool:

@@ -95,15 +95,38 @@ def test_refuses_what_it_does_not_take():
 
 
 def test_the_spike_pass_batchnorm_takes_it(monkeypatch):
+    """``spike_batch_norm`` on a BatchNorm's parameters, and the spike pass of a transformed model with
+    BatchNorm layers, run the C kernel; the training step's gradients are those with PyTorch's BatchNorm
+    to rounding, and the input is left as it was."""
+    import copy
+
+    import ratebp_compile as rc
+    from ratebp_compile.models import convnet
+
     calls = []
     real = B.batch_norm
     monkeypatch.setattr(B, "batch_norm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    bn = torch.nn.BatchNorm2d(4)
     x = _input((6, 4, 5, 5), torch.float32)
-    x_before = x.clone()
-    w, b = torch.rand(4) + 0.5, torch.randn(4)
     with torch.no_grad():
-        y, mean, var = graph_ops.spike_batch_norm(x, w, b, 1e-5)
+        y, mean, var = graph_ops.spike_batch_norm(x, bn.weight, bn.bias, 1e-5)
     assert calls == [1]
-    assert torch.equal(x, x_before)
-    ref_y = torch.native_batch_norm(x, w, b, None, None, True, 0.0, 1e-5)[0]
+    ref_y = torch.native_batch_norm(x, bn.weight, bn.bias, None, None, True, 0.0, 1e-5)[0]
     torch.testing.assert_close(y, ref_y, rtol=0, atol=1e-5)
+
+    torch.manual_seed(0)
+    model = convnet(width=4).double()
+    reference = copy.deepcopy(model)
+    inputs = torch.rand(4, 2, 1, 16, 16, dtype=torch.float64)
+    before = inputs.clone()
+    grads = []
+    for net, kernel in ((model, True), (reference, False)):
+        if not kernel:
+            monkeypatch.setattr(B, "usable", lambda *a, **k: False)
+        calls.clear()
+        rc.transform(net)(inputs).sum().backward()
+        assert bool(calls) == kernel
+        grads.append([p.grad for p in net.parameters()])
+    assert torch.equal(inputs, before)
+    for ours, theirs in zip(*grads):
+        torch.testing.assert_close(ours, theirs, rtol=1e-9, atol=1e-12)
