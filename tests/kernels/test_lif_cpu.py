@@ -40,7 +40,7 @@ def _assert_matches(ours, ref, dtype):
 def test_equals_the_reference_for_every_neuron_setting(case, dtype):
     args = _cpu_args(case, dtype)
     tangent = args["decay_logit"] is not None
-    x = _x(7, (3, 301), dtype)
+    x = _x(19, (3, 301), dtype)      # steps in tiles of 8, 8 and 3; elements in blocks of 384, 384 and 135
     ref = K.lif_spike_pass_reference(x, **args, decay_tangent=tangent)
     ours = K.lif_spike_pass_cpu(x, **args, decay_tangent=tangent, spike_dtype=None)
     _assert_matches(ours, ref, dtype)
