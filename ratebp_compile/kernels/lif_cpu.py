@@ -130,8 +130,8 @@ INLINE $V ${NAME}_step(const ${NAME}_params *p, const int surrogate, const int t
     return s;
 }
 
-/* `groups` vectors of `count` lanes each from element j on: their state loaded into registers, every step
-   run, the state stored back. */
+/* `groups` vectors of `count` lanes each from element j on: their state loaded into registers, `steps`
+   steps run (x and spikes point at the first one's row), the state stored back. */
 INLINE void ${NAME}_lanes(const ${NAME}_params *p, const int surrogate, const int tangent, const int groups,
                           const int count, const $R *restrict x, $S *restrict spikes, $R *restrict state,
                           const int64_t steps, const int64_t n, const int64_t j) {
