@@ -11,7 +11,7 @@ Threads split the channels.
 The results are BatchNorm's to rounding, not bitwise ``native_batch_norm``'s (whose summation order
 differs): mean and variance within a few float32 ulps of the exact ones. Inputs it does not take (other
 dtypes or layouts, fewer than 16 elements per slab, autograd through the parameters, fake or subclassed
-tensors, or the library unavailable) are for :func:`usable` to refuse; the caller then runs PyTorch's.
+tensors, tracing by Dynamo, or the library unavailable) are for :func:`usable` to refuse; the caller then runs PyTorch's.
 """
 from __future__ import annotations
 
@@ -109,6 +109,8 @@ def _plain(t: Optional[torch.Tensor], x: torch.Tensor) -> bool:
 def usable(x: torch.Tensor, weight: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None) -> bool:
     """Whether :func:`batch_norm` takes this BatchNorm input ``[N, C, ...]`` (float32 or float64, contiguous,
     at least 16 elements per slab, below which PyTorch's is as fast) and its parameters."""
+    if torch.compiler.is_compiling():       # Dynamo sees real-looking tensors; a traced graph gets PyTorch's
+        return False
     return (x.dtype in _FUNCTIONS and x.dim() >= 3 and _plain(x, x) and _plain(weight, x) and _plain(bias, x)
             and x.numel() > 0 and x.numel() // (x.shape[0] * x.shape[1]) >= 16 and LIBRARY.get() is not None)
 

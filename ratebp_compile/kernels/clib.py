@@ -79,11 +79,13 @@ def _cpu_signature() -> str:
 
 
 def _torch_runs_libgomp() -> bool:
-    """Whether this process has GNU OpenMP loaded (PyTorch's operators run on it): a library built with
-    ``-fopenmp`` then binds to that same ``libgomp.so.1`` and shares its threads."""
+    """Whether this process has GNU OpenMP loaded as ``libgomp.so.1`` (PyTorch's Linux wheels do, and run
+    their operators on it): a library built with ``-fopenmp`` needs that name, so it binds to the copy
+    already loaded and shares its threads. (A copy under another name, as other packages bundle it, would
+    not be the one it binds to.)"""
     try:
         with open("/proc/self/maps") as f:
-            return any("/libgomp" in line for line in f)
+            return any(os.path.basename(line.split()[-1]) == "libgomp.so.1" for line in f if "/" in line)
     except OSError:
         return False
 

@@ -77,7 +77,7 @@ def test_threads_split_the_channels_alike():
         assert torch.equal(a, b)
 
 
-def test_refuses_what_it_does_not_take():
+def test_refuses_what_it_does_not_take(monkeypatch):
     x = _input((4, 3, 8, 8), torch.float32)
     w = torch.ones(3, requires_grad=True)
     assert B.usable(x)
@@ -92,6 +92,8 @@ def test_refuses_what_it_does_not_take():
     from torch._subclasses.fake_tensor import FakeTensorMode
     with FakeTensorMode() as mode:
         assert not B.usable(mode.from_tensor(x))                        # tracing: PyTorch's BatchNorm
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert not B.usable(x)                                              # Dynamo: PyTorch's BatchNorm
 
 
 def test_the_spike_pass_batchnorm_takes_it(monkeypatch):
