@@ -108,11 +108,14 @@ def _plain(t: Optional[torch.Tensor], x: torch.Tensor) -> bool:
 
 def usable(x: torch.Tensor, weight: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None) -> bool:
     """Whether :func:`batch_norm` takes this BatchNorm input ``[N, C, ...]`` (float32 or float64, contiguous,
-    at least 16 elements per slab, below which PyTorch's is as fast) and its parameters."""
+    at least 16 elements per slab, below which PyTorch's is as fast) and its parameters (``[C]`` each; any
+    other shape is left to PyTorch's BatchNorm, which reports it)."""
     if torch.compiler.is_compiling():       # Dynamo sees real-looking tensors; a traced graph gets PyTorch's
         return False
+    per_channel = all(t is None or t.shape == x.shape[1:2] for t in (weight, bias))
     return (x.dtype in _FUNCTIONS and x.dim() >= 3 and _plain(x, x) and _plain(weight, x) and _plain(bias, x)
-            and x.numel() > 0 and x.numel() // (x.shape[0] * x.shape[1]) >= 16 and LIBRARY.get() is not None)
+            and per_channel and x.numel() > 0 and x.numel() // (x.shape[0] * x.shape[1]) >= 16
+            and LIBRARY.get() is not None)
 
 
 def batch_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float,

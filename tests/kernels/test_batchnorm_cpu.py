@@ -89,6 +89,7 @@ def test_refuses_what_it_does_not_take(monkeypatch):
     with torch.no_grad():
         assert B.usable(x, w)
     assert not B.usable(x, torch.ones(3, dtype=torch.float64))          # a parameter in another dtype
+    assert not B.usable(x, torch.ones(4)) and not B.usable(x, None, torch.ones(1))   # not [C]: PyTorch's error
     from torch._subclasses.fake_tensor import FakeTensorMode
     with FakeTensorMode() as mode:
         assert not B.usable(mode.from_tensor(x))                        # tracing: PyTorch's BatchNorm
