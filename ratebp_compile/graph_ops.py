@@ -67,9 +67,9 @@ def spike_batch_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Opti
     them once the step has succeeded (:func:`update_batch_norm_stats`). On CPU, ``kernels.batchnorm_cpu``
     where it takes x (several times faster than ``native_batch_norm``'s statistics; equal to rounding).
     """
-    if group is None and batchnorm_cpu.usable(x, weight, bias):
-        return batchnorm_cpu.batch_norm(x, weight, bias, eps)
     if group is None:
+        if batchnorm_cpu.usable(x, weight, bias):
+            return batchnorm_cpu.batch_norm(x, weight, bias, eps)
         y, mean, invstd = torch.native_batch_norm(x, weight, bias, None, None, True, 0.0, eps)
         return y, mean, invstd.pow(-2) - eps
     mean, var = batch_moments(x)
