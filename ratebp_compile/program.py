@@ -10,17 +10,22 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence, Tuple
 
+import torch
 import torch.fx as fx
 
+from .cpu_memory import keep_freed
 from .guards import Guards
-from .options import StepOptions
+from .memory import device_memory_bytes
+from .options import StepOptions, budget_bytes
 from .passes import BPTT_PIPELINE, PIPELINE, PassRecord, run_pipeline
 from .passes.build_spike_graph import SOURCE, STATISTICS, Statistic
-from .passes.infra import snapshot
+from .passes.infra import snapshot, tensor_val
 from .passes.stream_time import MEMORY_BUDGET, TIME_CHUNK
 from .passes.sync_batchnorm import SYNC_GROUP
 
-__all__ = ["Program", "Statistic", "compile_program"]
+__all__ = ["Program", "Statistic", "compile_program", "CPU_MEMORY"]
+
+CPU_MEMORY = "ratebp.cpu_memory"       # step.meta: what the step did about malloc on the CPU, in words (show)
 
 
 @dataclass
@@ -76,5 +81,18 @@ def compile_program(gm: fx.GraphModule, options: StepOptions, input_layouts: Seq
     gm.meta[MEMORY_BUDGET] = options.memory_budget
     gm.meta[SYNC_GROUP] = options.sync_batchnorm
     history = [PassRecord("capture", True, capture_seconds, snapshot(gm))]
+    device = next((tensor_val(n).device for n in gm.graph.nodes if n.op == "placeholder" and tensor_val(n) is not None),
+                  None)
     step = run_pipeline(gm, PIPELINE if options.method == "ratebp" else BPTT_PIPELINE, history)
+    if device is not None and device.type == "cpu":
+        step.meta[CPU_MEMORY] = _keep_cpu_memory(options)
     return Program(step, options.method, options, history, guards)
+
+
+def _keep_cpu_memory(options: StepOptions) -> str:
+    """A CPU step keeps as much freed memory as its memory budget allows (``cpu_memory``): the next step
+    reuses it instead of faulting fresh pages in."""
+    budget = options.memory_budget
+    total = device_memory_bytes(torch.device("cpu")) if isinstance(budget, float) else None
+    return keep_freed(None if budget is None or (isinstance(budget, float) and total is None)
+                      else budget_bytes(budget, total))

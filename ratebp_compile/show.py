@@ -21,7 +21,7 @@ import torch.fx as fx
 
 from .errors import RateBPError, user_frame
 from .passes.stream_time import STREAMED
-from .program import Program
+from .program import CPU_MEMORY, Program
 from .render import node_kind, op_label, to_dot, to_svg
 from .stream import StreamStage
 
@@ -133,6 +133,8 @@ def memory_summary(compiled: Program) -> str:
                 f"  rate-based: {rate_bytes / MiB:9.2f} MiB   (independent of T)\n"
                 f"  BPTT:       {bptt_bytes / MiB:9.2f} MiB   ({bptt_bytes / max(rate_bytes, 1):.1f}× the rate-based step)\n"
                 f"The spike pass keeps nothing for backward; its transient peak is {transient}.")
+    if CPU_MEMORY in program.meta:
+        text += f"\nCPU: {program.meta[CPU_MEMORY]}."
     compiled._memory_summary = text
     return text
 

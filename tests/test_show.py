@@ -62,7 +62,7 @@ def test_memory_summary_grows_with_T_for_bptt_only():
     for T in (2, 8):
         tm = rc.transform(models.resnet18(width=4), example_inputs=[torch.rand(T, 2, 3, 16, 16)])
         text = rc.show(tm, "memory")
-        rate, bptt = (float(x) for x in re.findall(r"([\d.]+) MiB", text))
+        rate, bptt = (float(re.search(rf"{name}:\s+([\d.]+) MiB", text).group(1)) for name in ("rate-based", "BPTT"))
         numbers[T] = rate, bptt
     assert numbers[2][0] == numbers[8][0]
     assert numbers[8][1] > 3 * numbers[2][1]
