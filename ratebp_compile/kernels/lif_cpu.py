@@ -37,10 +37,15 @@ __all__ = ["available", "unavailable_reason", "spike_scan", "SURROGATES", "LIBRA
 #: The surrogates by index, as in the Triton kernels.
 SURROGATES = ("sigmoid", "atan", "rectangular", "triangle")
 
-_HEADER = r"""
+#: Vectors the C loop interleaves; a thread of the Python pool starts at a multiple of GROUP vectors.
+_GROUP = 3
+#: Lanes of a 32-byte vector per dtype.
+_LANES = {torch.float32: 8, torch.float64: 4}
+
+_HEADER = Template(r"""
 /* Vectors interleaved per step: independent work for the core while one waits on a division or the
    exponential's polynomial. Elements per block: a multiple of GROUP vectors of 8 and of 4 lanes. */
-#define GROUP 3
+#define GROUP $GROUP
 #define BLOCK 384
 #define TILE 8
 
@@ -71,7 +76,7 @@ INLINE vf64 exp_f64(vf64 a) {
     p = p * (f * f) + f + 1.0;
     return p * (vf64)((__builtin_convertvector(n, vi64) + 1023) << 52);
 }
-"""
+""").substitute(GROUP=_GROUP)
 
 # One instance per input and spike dtype: $NAME; the real type $R, its vector $V, the mask $I, $LANES lanes;
 # the spike type $S and the vector $SV of spikes stored; $EXP.
@@ -229,10 +234,10 @@ void $NAME(const $R *restrict x, $S *restrict spikes, $R *restrict state, int64_
 _SOURCE = _HEADER + "".join(
     _SCAN.substitute(NAME=name, R=real, V=vector, I=mask, LANES=lanes, S=spike, SV=spike_vector, EXP=exp)
     for name, real, vector, mask, lanes, spike, spike_vector, exp in (
-        ("scan_f32", "float", "vf32", "vi32", 8, "float", "vf32", "exp_f32"),
-        ("scan_f32_u8", "float", "vf32", "vi32", 8, "uint8_t", "vu8x8", "exp_f32"),
-        ("scan_f64", "double", "vf64", "vi64", 4, "double", "vf64", "exp_f64"),
-        ("scan_f64_u8", "double", "vf64", "vi64", 4, "uint8_t", "vu8x4", "exp_f64")))
+        ("scan_f32", "float", "vf32", "vi32", _LANES[torch.float32], "float", "vf32", "exp_f32"),
+        ("scan_f32_u8", "float", "vf32", "vi32", _LANES[torch.float32], "uint8_t", "vu8x8", "exp_f32"),
+        ("scan_f64", "double", "vf64", "vi64", _LANES[torch.float64], "double", "vf64", "exp_f64"),
+        ("scan_f64_u8", "double", "vf64", "vi64", _LANES[torch.float64], "uint8_t", "vu8x4", "exp_f64")))
 
 
 def _declare(lib: ctypes.CDLL) -> None:
@@ -290,5 +295,6 @@ def spike_scan(x: torch.Tensor, state: torch.Tensor, spikes: torch.Tensor, lam, 
             _pool, _pool_size = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ratebp_lif_cpu"), threads
         pool = _pool
     bounds = [n * i // threads for i in range(threads + 1)]
-    bounds = [b - b % 24 if 0 < b < n else b for b in bounds]      # whole groups of vectors per thread
+    unit = _GROUP * _LANES[x.dtype]
+    bounds = [b - b % unit if 0 < b < n else b for b in bounds]    # whole groups of vectors per thread
     list(pool.map(lambda i: fn(*pointers, bounds[i], bounds[i + 1], *args, 1), range(threads)))
