@@ -85,7 +85,8 @@ class StepOptions:
                   authors' code does).
     memory_budget: what the spike pass may take (the peak of the tensors it creates): bytes, or a fraction of
                   its device's memory; when its estimate for all T steps at once exceeds the budget, the pass is
-                  streamed over the largest chunks of time that fit. None: never streamed.
+                  streamed over the largest chunks of time that fit. None: never streamed. On CPU it is also
+                  how much freed memory the process keeps for the next step (``cpu_memory``, at most 2 GiB).
     time_chunk:   run the spike pass over chunks of at most this many steps whatever its memory (overrides
                   ``memory_budget``); None: as the budget decides.
     cache_size:   compiled programs kept per model; the least recently used is dropped beyond it.

@@ -257,6 +257,9 @@ def transform(model: nn.Module, *, method: str = "ratebp", example_inputs: Optio
             fraction of its device's memory (default 0.25). The spike pass runs all T steps at once when its
             estimated peak fits (the fastest way), else over the largest chunks of time that fit, so its
             memory stays flat in T (convolutions before a BatchNorm then run twice). None: never streamed.
+            On CPU (glibc), up to the budget (at most 2 GiB) of the memory a step frees stays in the process
+            for the next step instead of being faulted in again (``cpu_memory``; the process's RSS does not
+            fall back between steps; ``RATEBP_KEEP_CPU_MEMORY=0`` turns this off).
         time_chunk: run the spike pass over chunks of at most this many steps, whatever its memory
             (overrides ``memory_budget``).
         cache_size: compiled programs kept (one per input signature, autocast state and module modes).
