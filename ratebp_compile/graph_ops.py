@@ -160,6 +160,26 @@ def _global_sums(x: torch.Tensor, group: str, reduce) -> Tuple[torch.Tensor, tor
     return sums[0], sums[1], sums[2]
 
 
+class _MomentGradients(torch.autograd.Function):
+    """Per channel, two zeros ``[C]`` in x's dtype whose gradients are those of x's batch mean and biased
+    variance: the rate pass uses those statistics for their derivatives only, so their values are not
+    computed (``x.var`` alone took 5% of an eager CPU step). Backward: g_m/N + g_v·2(x − x̄)/N, as
+    ``mean``'s and ``var``'s backward compute it, in differentiable ops (double backward works)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        zeros = x.new_zeros(2, x.shape[1])
+        return zeros[0], zeros[1]
+
+    @staticmethod
+    def backward(ctx, grad_mean, grad_var):
+        x, = ctx.saved_tensors
+        shape, n = _channel_shape(x), _count(x)
+        grad = (2.0 / n) * grad_var.view(shape) * (x - x.mean(_stat_dims(x), keepdim=True))
+        return grad + (grad_mean / n).view(shape)
+
+
 def rate_batch_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                     mean: torch.Tensor, var: torch.Tensor, eps: float, group: Optional[str] = None) -> torch.Tensor:
     """BatchNorm of the rate pass: normalises with the spike pass's statistics as values and
@@ -170,8 +190,7 @@ def rate_batch_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optio
     ``x.mean``, and v has the value of the spike-pass variance and the derivative of ``x.var``.
     """
     if group is None:
-        dims = _stat_dims(x)
-        mean_x, var_x = x.mean(dims), x.var(dims, unbiased=False)
+        mean_x, var_x = _MomentGradients.apply(x)
     else:
         s1, s2, n = _global_sums(x, group, sum_over_ranks)
         mean_x = s1 / n
