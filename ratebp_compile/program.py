@@ -15,8 +15,8 @@ import torch.fx as fx
 
 from .cpu_memory import keep_freed
 from .guards import Guards
-from .memory import device_memory_bytes
-from .options import StepOptions, budget_bytes
+from .memory import budget_on_device
+from .options import StepOptions
 from .passes import BPTT_PIPELINE, PIPELINE, PassRecord, run_pipeline
 from .passes.build_spike_graph import SOURCE, STATISTICS, Statistic
 from .passes.infra import snapshot, tensor_val
@@ -92,7 +92,4 @@ def compile_program(gm: fx.GraphModule, options: StepOptions, input_layouts: Seq
 def _keep_cpu_memory(options: StepOptions) -> str:
     """A CPU step keeps as much freed memory as its memory budget allows (``cpu_memory``): the next step
     reuses it instead of faulting fresh pages in."""
-    budget = options.memory_budget
-    total = device_memory_bytes(torch.device("cpu")) if isinstance(budget, float) else None
-    return keep_freed(None if budget is None or (isinstance(budget, float) and total is None)
-                      else budget_bytes(budget, total))
+    return keep_freed(budget_on_device(options.memory_budget, torch.device("cpu")))

@@ -150,3 +150,14 @@ def test_device_memory_bytes(tmp_path, monkeypatch):
     assert device_memory_bytes(torch.device("cpu")) == min(physical, 2 ** 30)
     monkeypatch.setattr(memory, "_CGROUP_LIMITS", (str(unlimited),))
     assert device_memory_bytes(torch.device("cpu")) == physical
+
+
+def test_budget_on_device():
+    """A budget in bytes on a device: bytes as given, a fraction of the device's memory, none for None or for
+    a fraction of a device whose memory is unknown (the spike pass's schedule and the CPU memory kept both
+    read it)."""
+    from ratebp_compile.memory import budget_on_device, device_memory_bytes
+    cpu = torch.device("cpu")
+    assert budget_on_device(1000, cpu) == 1000 and budget_on_device(1000, torch.device("meta")) == 1000
+    assert budget_on_device(0.25, cpu) == int(0.25 * device_memory_bytes(cpu))
+    assert budget_on_device(None, cpu) is None and budget_on_device(0.25, torch.device("meta")) is None

@@ -12,11 +12,10 @@ import torch.fx as fx
 from ..capture import propagate_shapes
 from ..errors import describe_node
 from ..graph_ops import chunk_batch_norm, chunk_batch_norm_, spike_batch_norm, spike_batch_norm_per_step
-from ..memory import device_memory_bytes, format_bytes, graph_peak_bytes
+from ..memory import budget_on_device, format_bytes, graph_peak_bytes
 from ..nn.spec import NeuronSpec, StateTrace
 from ..oprules import APPROXIMATE, is_view, op_info
 from ..oprules.table import is_inplace_method
-from ..options import budget_bytes
 from ..stream import StageInput, StreamStage, chunk_bounds
 from ..time_layout import TimeLayout, is_temporal, rate_shape
 from .infra import (PassResult, check_values, copy_meta, getattr_path, identifier, postcondition, require, tensor_val,
@@ -498,10 +497,10 @@ def _budget(program: fx.GraphModule) -> Tuple[Optional[int], str]:
         return None, "no memory budget"
     device = next((tensor_val(n).device for n in program.spike.graph.nodes
                    if n.op == "placeholder" and tensor_val(n) is not None), torch.device("cpu"))
-    total = device_memory_bytes(device) if isinstance(budget, float) else None
-    if isinstance(budget, float) and total is None:
+    nbytes = budget_on_device(budget, device)
+    if nbytes is None:
         return None, f"the memory of {device} is unknown: no budget"
-    return budget_bytes(budget, total), ""
+    return nbytes, ""
 
 
 def kept_bytes(spike: fx.GraphModule) -> int:

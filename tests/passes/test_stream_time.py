@@ -375,7 +375,7 @@ def test_a_fraction_is_of_the_device_memory(monkeypatch):
 
     from ratebp_compile.passes.stream_time import estimate_peak_bytes
 
-    module = importlib.import_module("ratebp_compile.passes.stream_time")
+    module = importlib.import_module("ratebp_compile.memory")
     model, x = _budget_case("vgg11")
     ref = rc.transform(copy.deepcopy(model), memory_budget=None)
     ref(x)
