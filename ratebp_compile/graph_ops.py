@@ -169,8 +169,7 @@ class _MomentGradients(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):
         ctx.save_for_backward(x)
-        zeros = x.new_zeros(2, x.shape[1])
-        return zeros[0], zeros[1]
+        return x.new_zeros(x.shape[1]), x.new_zeros(x.shape[1])
 
     @staticmethod
     def backward(ctx, grad_mean, grad_var):

@@ -11,7 +11,8 @@ Threads split the channels.
 The results are BatchNorm's to rounding, not bitwise ``native_batch_norm``'s (whose summation order
 differs): mean and variance within a few float32 ulps of the exact ones. Inputs it does not take (other
 dtypes or layouts, fewer than 16 elements per slab, autograd through the parameters, fake or subclassed
-tensors, tracing by Dynamo, or the library unavailable) are for :func:`usable` to refuse; the caller then runs PyTorch's.
+tensors, tracing by Dynamo, or the library unavailable) are for :func:`usable` to refuse; the caller then
+runs PyTorch's.
 """
 from __future__ import annotations
 
