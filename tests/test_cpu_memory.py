@@ -20,7 +20,7 @@ from ratebp_compile import cpu_memory
 
 def faults():
     counts = []
-    for _ in range(4):
+    for _ in range(6):
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         t = torch.empty(12 * 2 ** 20)       # 48 MiB: over glibc's largest dynamic mmap threshold (32 MiB)
         t.fill_(1.0)
@@ -50,7 +50,9 @@ print(json.dumps(result))
 """)
     pages = 48 * 2 ** 20 // 4096
     assert all(n >= pages // 2 for n in result["before"]), result     # mapped anew each time
-    assert all(n < pages // 100 for n in result["after"]), result     # reused
+    # kept: the heap grows to hold the tensor at most once (where it lands depends on what else the process
+    # holds), and every later allocation reuses those pages
+    assert sum(result["after"]) < pages + pages // 100, result
     assert result["kept"] == result["kept_after_less"] == 2 ** 30
     assert result["said"] == "freed memory kept for the next step, up to 1.0 GiB (malloc's trim and mmap thresholds)"
 
