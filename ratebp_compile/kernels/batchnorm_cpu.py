@@ -6,7 +6,10 @@ element on one core for a ``[128, 16, 32, 32]`` input, four times its normalisat
 mean and biased variance take two vectorised passes over its slabs — the mean, then the squared
 deviations from it, in the input's dtype in 16 partial sums, each block of 1024 elements added into a
 double — and the normalisation a third, ``y = (x − mean)·a + β`` with ``a = γ/√(var + ε)``.
-Threads split the channels.
+Threads split the channels. A channels-last input (``[N, C, H, W]`` stored as rows of C channels, as the
+spike pass keeps its convolutions' outputs: ``passes/channels_last.py``) takes the same three passes over
+its rows, the channels vectorised, every 16 rows summed in the input's dtype and added into a double per
+block of 256 rows, the blocks' sums added in order; threads split the blocks; ``y`` is channels-last.
 
 The results are BatchNorm's to rounding, not bitwise ``native_batch_norm``'s (whose summation order
 differs): mean and variance within a few float32 ulps of the exact ones. Inputs it does not take (other
@@ -81,10 +84,89 @@ void $NAME(const $R *restrict x, $R *restrict y, const $R *weight, const $R *bia
         }
     }
 }
+
+/* x [M, C] contiguous (a channels-last [N, C, H, W], M = N·H·W), rows [b, e) (at most 256: in cache while
+   each group of $LANES channels is summed over them, then the channels past the last full group): the
+   per-channel sums of x − center (square: of (x − center)²) into out, every 16 rows summed in $R (one
+   vector per group) and added into a double. */
+INLINE void ${NAME}_rows(const $R *restrict x, const int64_t b, const int64_t e, const int64_t C,
+                         const $R *restrict center, const int square, double *restrict out) {
+    int64_t c = 0;
+    for (; c + $LANES <= C; c += $LANES) {
+        $V m;
+        double total[$LANES] = {0};
+        memcpy(&m, center + c, sizeof m);
+        for (int64_t r0 = b; r0 < e; r0 += 16) {
+            const int64_t r1 = r0 + 16 < e ? r0 + 16 : e;
+            $V acc = {0};
+            for (int64_t r = r0; r < r1; ++r) {
+                $V v;
+                memcpy(&v, x + r * C + c, sizeof v);
+                v -= m;
+                acc += square ? v * v : v;
+            }
+            for (int k = 0; k < $LANES; ++k)
+                total[k] += acc[k];
+        }
+        for (int k = 0; k < $LANES; ++k)
+            out[c + k] = total[k];
+    }
+    for (; c < C; ++c) {
+        double total = 0;
+        for (int64_t r0 = b; r0 < e; r0 += 16) {
+            const int64_t r1 = r0 + 16 < e ? r0 + 16 : e;
+            $R acc = 0;
+            for (int64_t r = r0; r < r1; ++r) {
+                const $R d = x[r * C + c] - center[c];
+                acc += square ? d * d : d;
+            }
+            total += acc;
+        }
+        out[c] = total;
+    }
+}
+
+/* $NAME on a channels-last x, seen as [M, C] contiguous: the same statistics and y. Each block of 256 rows
+   has its sums; threads split the blocks, and the blocks' sums are added in order (so that the result does
+   not depend on the number of threads). */
+void ${NAME}_last(const $R *restrict x, $R *restrict y, const $R *weight, const $R *bias, $R *mean_out,
+                  $R *var_out, int64_t M, int64_t C, double eps, int threads) {
+    const int64_t blocks = (M + 255) / 256;
+    double *partial = malloc((size_t)(blocks * C) * sizeof(double));
+    $R *center = calloc((size_t)(3 * C), sizeof($R)), *scale = center + C, *shift = scale + C;
+    (void)threads;
+    for (int square = 0; square < 2; ++square) {
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
+        for (int64_t k = 0; k < blocks; ++k)
+            ${NAME}_rows(x, k * 256, (k + 1) * 256 < M ? (k + 1) * 256 : M, C, center, square, partial + k * C);
+        for (int64_t c = 0; c < C; ++c) {
+            double total = 0;
+            for (int64_t k = 0; k < blocks; ++k)
+                total += partial[k * C + c];
+            if (square)
+                var_out[c] = ($R)(total / (double)M);
+            else
+                center[c] = mean_out[c] = ($R)(total / (double)M);
+        }
+    }
+    if (y) {
+        for (int64_t c = 0; c < C; ++c) {
+            scale[c] = ($R)((weight ? (double)weight[c] : 1.0) / sqrt((double)var_out[c] + eps));
+            shift[c] = bias ? bias[c] : 0;
+        }
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
+        for (int64_t r = 0; r < M; ++r)
+            for (int64_t c = 0; c < C; ++c)
+                y[r * C + c] = (x[r * C + c] - center[c]) * scale[c] + shift[c];
+    }
+    free(partial);
+    free(center);
+}
 """)
 
-_SOURCE = "".join(_TEMPLATE.substitute(NAME=name, R=real)
-                  for name, real in (("batch_norm_f32", "float"), ("batch_norm_f64", "double")))
+_SOURCE = "".join(_TEMPLATE.substitute(NAME=name, R=real, V=vector, LANES=lanes)
+                  for name, real, vector, lanes in (("batch_norm_f32", "float", "vf32", 8),
+                                                    ("batch_norm_f64", "double", "vf64", 4)))
 
 _FUNCTIONS = {torch.float32: ("batch_norm_f32", ctypes.c_float), torch.float64: ("batch_norm_f64", ctypes.c_double)}
 
@@ -94,29 +176,37 @@ def _declare(lib: ctypes.CDLL) -> None:
         fn = getattr(lib, name)
         fn.restype = None
         fn.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 3 + [ctypes.c_double, ctypes.c_int]
+        last = getattr(lib, name + "_last")
+        last.restype = None
+        last.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 2 + [ctypes.c_double, ctypes.c_int]
 
 
 LIBRARY = CLibrary("batchnorm_cpu", _SOURCE, _declare)
 
 
 def _plain(t: Optional[torch.Tensor], x: torch.Tensor) -> bool:
-    """A real CPU tensor or parameter (not a fake or other subclass) in x's dtype, contiguous, outside
-    autograd."""
+    """A real CPU tensor or parameter (not a fake or other subclass) in x's dtype, outside autograd."""
     return t is None or (type(t) in (torch.Tensor, torch.nn.Parameter) and t.device.type == "cpu"
-                         and t.dtype == x.dtype and t.is_contiguous()
-                         and not (t.requires_grad and torch.is_grad_enabled()))
+                         and t.dtype == x.dtype and not (t.requires_grad and torch.is_grad_enabled()))
+
+
+def _channels_last(x: torch.Tensor) -> bool:
+    """Whether ``x`` is a 4-D tensor in channels-last memory and not also contiguous (``[N, C, 1, 1]``)."""
+    return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
 def usable(x: torch.Tensor, weight: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None) -> bool:
-    """Whether :func:`batch_norm` takes this BatchNorm input ``[N, C, ...]`` (float32 or float64, contiguous,
-    at least 16 elements per slab, below which PyTorch's is as fast) and its parameters (``[C]`` each; any
-    other shape is left to PyTorch's BatchNorm, which reports it)."""
+    """Whether :func:`batch_norm` takes this BatchNorm input ``[N, C, ...]`` (float32 or float64; contiguous,
+    with at least 16 elements per slab, below which PyTorch's is as fast, or a 4-D tensor in channels-last
+    memory with at least 16 rows of channels) and its parameters (``[C]`` each, contiguous; any other shape
+    is left to PyTorch's BatchNorm, which reports it)."""
     if torch.compiler.is_compiling():       # Dynamo sees real-looking tensors; a traced graph gets PyTorch's
         return False
-    per_channel = all(t is None or t.shape == x.shape[1:2] for t in (weight, bias))
+    per_channel = all(t is None or (t.shape == x.shape[1:2] and t.is_contiguous()) for t in (weight, bias))
+    laid_out = (x.is_contiguous() and x.numel() // (x.shape[0] * x.shape[1]) >= 16) or \
+        (_channels_last(x) and x.numel() // x.shape[1] >= 16)
     return (x.dtype in _FUNCTIONS and x.dim() >= 3 and _plain(x, x) and _plain(weight, x) and _plain(bias, x)
-            and per_channel and x.numel() > 0 and x.numel() // (x.shape[0] * x.shape[1]) >= 16
-            and LIBRARY.get() is not None)
+            and per_channel and x.numel() > 0 and laid_out and LIBRARY.get() is not None)
 
 
 def batch_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float,
@@ -131,6 +221,11 @@ def batch_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[t
     threads = min(torch.get_num_threads(), C) if LIBRARY.openmp else 1
     name, _ = _FUNCTIONS[x.dtype]
     pointer = (lambda t: None if t is None else t.data_ptr())
-    getattr(lib, name)(x.data_ptr(), pointer(y), pointer(weight), pointer(bias), mean.data_ptr(), var.data_ptr(),
-                       N, C, L, float(eps), threads)
+    if _channels_last(x):                   # y (empty_like) is channels-last too
+        threads = torch.get_num_threads() if LIBRARY.openmp else 1
+        getattr(lib, name + "_last")(x.data_ptr(), pointer(y), pointer(weight), pointer(bias), mean.data_ptr(),
+                                     var.data_ptr(), N * L, C, float(eps), threads)
+    else:
+        getattr(lib, name)(x.data_ptr(), pointer(y), pointer(weight), pointer(bias), mean.data_ptr(),
+                           var.data_ptr(), N, C, L, float(eps), threads)
     return y, mean, var

@@ -23,9 +23,16 @@ def _exact(x):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-@pytest.mark.parametrize("shape", [(16, 4, 32, 32), (7, 3, 5, 7), (5, 2, 3000), (3, 5, 2, 4, 4)], ids=str)
-def test_equals_batchnorm_to_rounding(shape, dtype):
+@pytest.mark.parametrize("shape,layout", [((16, 4, 32, 32), "contiguous"), ((7, 3, 5, 7), "contiguous"),
+                                          ((5, 2, 3000), "contiguous"), ((3, 5, 2, 4, 4), "contiguous"),
+                                          ((16, 16, 32, 32), "channels_last"), ((7, 3, 5, 7), "channels_last"),
+                                          ((11, 37, 9, 9), "channels_last")], ids=str)
+def test_equals_batchnorm_to_rounding(shape, layout, dtype):
+    """Contiguous and channels-last (rows of C channels: 16 is two full vector groups of float32, 37 four
+    and a partial one; 11·9·9 rows are three full blocks of 256 and a partial one)."""
     x = _input(shape, dtype)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
     x_before = x.clone()
     weight = torch.rand(shape[1], dtype=dtype) + 0.5
     bias = torch.randn(shape[1], dtype=dtype)
@@ -49,6 +56,7 @@ def test_equals_batchnorm_to_rounding(shape, dtype):
     ref_y = torch.native_batch_norm(x, weight, bias, None, None, True, 0.0, 1e-5)[0]
     assert (y.double() - exact_y).abs().max() <= 2 * (ref_y.double() - exact_y).abs().max() + eps
     assert y.dtype == mean.dtype == var.dtype == dtype
+    assert y.stride() == x.stride()
     assert torch.equal(x, x_before)
 
 
@@ -63,10 +71,15 @@ def test_without_affine_parameters_and_statistics_alone():
     torch.testing.assert_close(graph_ops.batch_moments(x), (ref_mean, ref_var), rtol=1e-6, atol=1e-6)
 
 
-def test_threads_split_the_channels_alike():
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_threads_give_the_same_result(layout):
+    """Threads split the channels (contiguous) or the blocks of rows (channels-last, whose sums are added in
+    order): the results are bitwise those of one thread."""
     if not B.LIBRARY.openmp:
         pytest.skip("the library was built without OpenMP here: it runs on one thread")
-    x = _input((4, 7, 9, 9), torch.float32)
+    x = _input((4, 7, 30, 30), torch.float32)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -84,8 +97,10 @@ def test_refuses_what_it_does_not_take(monkeypatch):
     w = torch.ones(3, requires_grad=True)
     assert B.usable(x)
     assert not B.usable(x.half())                                       # dtype
-    assert not B.usable(x.to(memory_format=torch.channels_last))        # layout
+    assert B.usable(x.to(memory_format=torch.channels_last))            # rows of channels
+    assert not B.usable(x.transpose(2, 3))                              # layout
     assert not B.usable(x[:, :, :2, :2].contiguous())                   # under 16 elements per slab
+    assert not B.usable(x[:3, :, :2, :2].contiguous(memory_format=torch.channels_last))  # under 16 rows
     assert not B.usable(x.flatten(1))                                   # [N, C]: BatchNorm1d without length
     assert not B.usable(x, w)                                           # autograd through the weight
     with torch.no_grad():
