@@ -12,7 +12,7 @@ with the global count. Without a group, everything is local.
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Tuple
+from typing import Any, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -25,13 +25,18 @@ from .nn.functional import rate_neuron
 __all__ = ["without_grad", "batch_moments", "spike_batch_norm", "spike_batch_norm_per_step", "per_step_batch_norm",
            "chunk_batch_norm", "chunk_batch_norm_", "rate_batch_norm", "batch_norm_no_update", "sync_batch_norm",
            "update_batch_norm_stats", "time_average", "route_gradient", "rate_neuron", "state_output",
-           "dropout_mask"]
+           "dropout_mask", "with_strides"]
 
 
 def without_grad(fn, *args):
     """``fn(*args)`` with autograd off: how the program runs its spike pass."""
     with torch.no_grad():
         return fn(*args)
+
+
+def with_strides(x: torch.Tensor, stride: Sequence[int]) -> torch.Tensor:
+    """``x``'s values in a new tensor with the given strides (a copy, even when ``x`` has them already)."""
+    return torch.empty_strided(x.shape, stride, dtype=x.dtype, device=x.device).copy_(x)
 
 
 def _stat_dims(x: torch.Tensor):

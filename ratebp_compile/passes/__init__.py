@@ -6,6 +6,7 @@ invariants that hold between passes.
 """
 from .build_rate_graph import build_rate_graph
 from .build_spike_graph import build_spike_graph
+from .channels_last import channels_last
 from .classify_ops import classify_ops
 from .compact_spikes import compact_spikes
 from .fold_time import fold_time
@@ -18,7 +19,7 @@ from .sync_batchnorm import sync_batchnorm
 
 __all__ = ["PIPELINE", "BPTT_PIPELINE", "PassResult", "PassRecord", "run_pipeline", "normalize_neurons",
            "fold_time", "sync_batchnorm", "infer_time_layout", "classify_ops", "build_spike_graph", "build_rate_graph", "fuse_lif",
-           "stream_time", "compact_spikes"]
+           "stream_time", "compact_spikes", "channels_last"]
 
 # Rate-based training step: captured graph -> program(spike graph, rate graph).
 PIPELINE = [
@@ -32,6 +33,7 @@ PIPELINE = [
     fuse_lif,              # spike-graph neurons -> fused Triton kernels where supported
     stream_time,           # spike graph -> stages run over chunks of time, when over the memory budget
     compact_spikes,        # unstreamed: spikes read again after other layers kept in 1 byte meanwhile
+    channels_last,         # unstreamed, CPU: 2-D convolutions and the neurons between them on NHWC memory
 ]
 
 # Plain BPTT through the same capture, for side-by-side comparison.

@@ -193,3 +193,9 @@ def snapshot(gm: fx.GraphModule) -> fx.GraphModule:
 def tensor_val(node) -> Optional[torch.Tensor]:
     v = node.meta.get("val") if isinstance(node, fx.Node) else None
     return v if isinstance(v, torch.Tensor) else None
+
+
+def input_device(gm: fx.GraphModule) -> torch.device:
+    """The device of the graph's first tensor input (CPU if it has none)."""
+    return next((tensor_val(n).device for n in gm.graph.nodes
+                 if n.op == "placeholder" and tensor_val(n) is not None), torch.device("cpu"))

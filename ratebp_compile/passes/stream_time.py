@@ -18,8 +18,8 @@ from ..oprules import APPROXIMATE, is_view, op_info
 from ..oprules.table import is_inplace_method
 from ..stream import StageInput, StreamStage, chunk_bounds
 from ..time_layout import TimeLayout, is_temporal, rate_shape
-from .infra import (PassResult, check_values, copy_meta, getattr_path, identifier, postcondition, require, tensor_val,
-                    unique_name)
+from .infra import (PassResult, check_values, copy_meta, getattr_path, identifier, input_device, postcondition,
+                    require, tensor_val, unique_name)
 from .retime import is_constant, retimed_shape_op, retimed_value, retimes
 
 __all__ = ["stream_time", "estimate_peak_bytes", "kept_bytes", "reuse_dead_inputs", "TIME_CHUNK", "MEMORY_BUDGET", "STREAMED"]
@@ -495,8 +495,7 @@ def _budget(program: fx.GraphModule) -> Tuple[Optional[int], str]:
     budget = program.meta.get(MEMORY_BUDGET)
     if budget is None:
         return None, "no memory budget"
-    device = next((tensor_val(n).device for n in program.spike.graph.nodes
-                   if n.op == "placeholder" and tensor_val(n) is not None), torch.device("cpu"))
+    device = input_device(program.spike)
     nbytes = budget_on_device(budget, device)
     if nbytes is None:
         return None, f"the memory of {device} is unknown: no budget"
