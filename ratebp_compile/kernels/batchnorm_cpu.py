@@ -128,12 +128,18 @@ INLINE void ${NAME}_rows(const $R *restrict x, const int64_t b, const int64_t e,
 
 /* $NAME on a channels-last x, seen as [M, C] contiguous: the same statistics and y. Each block of 256 rows
    has its sums; threads split the blocks, and the blocks' sums are added in order (so that the result does
-   not depend on the number of threads). */
-void ${NAME}_last(const $R *restrict x, $R *restrict y, const $R *weight, const $R *bias, $R *mean_out,
-                  $R *var_out, int64_t M, int64_t C, double eps, int threads) {
+   not depend on the number of threads). Returns 1 when its scratch memory cannot be had, else 0. */
+int ${NAME}_last(const $R *restrict x, $R *restrict y, const $R *weight, const $R *bias, $R *mean_out,
+                 $R *var_out, int64_t M, int64_t C, double eps, int threads) {
     const int64_t blocks = (M + 255) / 256;
     double *partial = malloc((size_t)(blocks * C) * sizeof(double));
-    $R *center = calloc((size_t)(3 * C), sizeof($R)), *scale = center + C, *shift = scale + C;
+    $R *center = calloc((size_t)(3 * C), sizeof($R));
+    if (!partial || !center) {
+        free(partial);
+        free(center);
+        return 1;
+    }
+    $R *scale = center + C, *shift = scale + C;
     (void)threads;
     for (int square = 0; square < 2; ++square) {
 #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
@@ -161,6 +167,7 @@ void ${NAME}_last(const $R *restrict x, $R *restrict y, const $R *weight, const 
     }
     free(partial);
     free(center);
+    return 0;
 }
 """)
 
@@ -177,7 +184,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         fn.restype = None
         fn.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 3 + [ctypes.c_double, ctypes.c_int]
         last = getattr(lib, name + "_last")
-        last.restype = None
+        last.restype = ctypes.c_int
         last.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 2 + [ctypes.c_double, ctypes.c_int]
 
 
@@ -218,14 +225,14 @@ def batch_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[t
     L = x.numel() // (N * C)
     y = torch.empty_like(x) if normalise else None
     mean, var = x.new_empty(C), x.new_empty(C)
-    threads = min(torch.get_num_threads(), C) if LIBRARY.openmp else 1
+    threads = torch.get_num_threads() if LIBRARY.openmp else 1
     name, _ = _FUNCTIONS[x.dtype]
     pointer = (lambda t: None if t is None else t.data_ptr())
-    if _channels_last(x):                   # y (empty_like) is channels-last too
-        threads = torch.get_num_threads() if LIBRARY.openmp else 1
-        getattr(lib, name + "_last")(x.data_ptr(), pointer(y), pointer(weight), pointer(bias), mean.data_ptr(),
-                                     var.data_ptr(), N * L, C, float(eps), threads)
+    if _channels_last(x):                   # threads split the blocks of rows; y (empty_like) is channels-last
+        if getattr(lib, name + "_last")(x.data_ptr(), pointer(y), pointer(weight), pointer(bias), mean.data_ptr(),
+                                        var.data_ptr(), N * L, C, float(eps), threads):
+            raise MemoryError(f"batch_norm: no memory for the per-block sums of a {list(x.shape)} input")
     else:
         getattr(lib, name)(x.data_ptr(), pointer(y), pointer(weight), pointer(bias), mean.data_ptr(),
-                           var.data_ptr(), N, C, L, float(eps), threads)
+                           var.data_ptr(), N, C, L, float(eps), min(threads, C))     # threads split the channels
     return y, mean, var
