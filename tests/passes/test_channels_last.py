@@ -14,7 +14,7 @@ from ratebp_compile.nn.spec import NeuronSpec
 from ratebp_compile.passes import channels_last
 from ratebp_compile.passes.channels_last import _dense_order
 from tests.passes.test_compact_spikes import Residual
-from tests.passes.util import Tiny, prepare
+from tests.passes.util import Tiny, prepare, step_with_and_without
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="the pass needs oneDNN")
 
@@ -146,32 +146,12 @@ def test_dense_order():
 def test_the_training_step_matches_the_step_without_it():
     """Through transform: the outputs and gradients of the step without the pass, to rounding; the input is
     left as it was."""
-    from ratebp_compile import passes
-
     torch.manual_seed(1)
-    model = models.resnet18(width=4).train()
-    x = torch.rand(4, 3, 3, 16, 16)
-    y = torch.tensor([1, 2, 3])
-    twin = copy.deepcopy(model)
-    tm = rc.transform(model)
-    x_before = x.clone()
-    out = tm(x)
-    F.cross_entropy(out.mean(0), y).backward()
-    assert torch.equal(x, x_before)
-    assert any(r.name == "channels_last" and r.modified for r in tm.compiled.history)
-    pipeline = list(passes.PIPELINE)
-    try:
-        passes.PIPELINE.remove(channels_last)
-        ref = rc.transform(twin)
-        out_ref = ref(x)
-        F.cross_entropy(out_ref.mean(0), y).backward()
-    finally:
-        passes.PIPELINE[:] = pipeline
-    assert not any(r.name == "channels_last" for r in ref.compiled.history)
-    torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-5)
-    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
-        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
-    assert torch.equal(x, x_before)
+    out, out_without, grads = step_with_and_without(channels_last, models.resnet18(width=4).train(),
+                                                    torch.rand(4, 3, 3, 16, 16), torch.tensor([1, 2, 3]))
+    torch.testing.assert_close(out, out_without, rtol=1e-5, atol=1e-5)
+    for name, grad, grad_without in grads:
+        torch.testing.assert_close(grad, grad_without, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
 
 
 def test_fresh_steps_give_the_same_gradients():
