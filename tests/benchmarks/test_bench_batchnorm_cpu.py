@@ -13,6 +13,8 @@ def test_bench_batchnorm_cpu_runs_and_writes_json(tmp_path):
                            "--threads", "1", "--reps", "1", "--json", str(out)],
                           capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    (row,) = json.loads(out.read_text())["rows"]
-    assert row["shape"] == [4, 3, 8, 8] and row["native_ms"] > 0 and row["kernel_ms"] > 0
-    assert row["max_abs_diff"] < 1e-4
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["layout"] for row in rows] == ["contiguous", "channels_last"]
+    for row in rows:
+        assert row["shape"] == [4, 3, 8, 8] and row["native_ms"] > 0 and row["kernel_ms"] > 0
+        assert row["max_abs_diff"] < 1e-4
