@@ -20,8 +20,8 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-__all__ = ["SavedTensorMeter", "LiveTensorTracker", "saved_bytes_on_fake", "graph_peak_bytes", "device_memory_bytes", "budget_on_device",
-           "format_bytes"]
+__all__ = ["SavedTensorMeter", "LiveTensorTracker", "saved_bytes_on_fake", "graph_peak_bytes", "device_memory_bytes",
+           "budget_on_device", "format_bytes"]
 
 
 class SavedTensorMeter:
@@ -190,9 +190,10 @@ def budget_on_device(budget, device: torch.device) -> Optional[int]:
     """A memory budget (``StepOptions.memory_budget``: bytes, a fraction of the device's memory, or None) in
     bytes on ``device``; None for no budget, or for a fraction of a device whose memory is unknown."""
     from .options import budget_bytes
-    if budget is None or (isinstance(budget, float) and device_memory_bytes(device) is None):
+    total = device_memory_bytes(device) if isinstance(budget, float) else None
+    if budget is None or (isinstance(budget, float) and total is None):
         return None
-    return budget_bytes(budget, device_memory_bytes(device) if isinstance(budget, float) else None)
+    return budget_bytes(budget, total)
 
 
 def format_bytes(nbytes: int) -> str:
