@@ -2,6 +2,7 @@
 channels-last memory."""
 from __future__ import annotations
 
+import logging
 import operator
 from typing import List, Optional
 
@@ -11,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..capture import propagate_shapes
+from ..errors import RateBPError
 from ..graph_ops import with_strides
 from ..hooks import ModuleHooks
 from ..nn.spec import NeuronSpec
@@ -20,6 +22,8 @@ from .infra import PassResult, check_values, copy_meta, input_device, postcondit
 __all__ = ["channels_last"]
 
 PASS = "channels_last"
+
+log = logging.getLogger(__name__)
 
 _CONV2D = (F.conv2d, torch.conv2d)
 
@@ -144,8 +148,14 @@ def _rewrite(spike: fx.GraphModule) -> bool:
     _restore_outputs(graph, before)
     propagate_shapes(spike, placeholders)
     graph.lint()
-    spike.recompile()
     return True
+
+
+def _copy(spike: fx.GraphModule) -> fx.GraphModule:
+    """A graph module over a copy of ``spike``'s graph (its nodes with their metadata) and its submodules."""
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(spike.graph, {}))
+    return fx.GraphModule(spike, graph)
 
 
 def _check(program: fx.GraphModule) -> None:
@@ -176,7 +186,9 @@ def channels_last(program: fx.GraphModule) -> PassResult:
     Only memory orders change: every value is what it was, but for the rounding of the convolutions' own
     algorithms. The pass plans by the strides of shape propagation's fake tensors; where a run's tensors
     differ, a ``contiguous`` or the kernel's own copy puts them right, at the cost of a copy. A streamed
-    spike pass, one with forward hooks (which would see tensors in the new order) and one on another
+    spike pass, one with forward hooks (which would see tensors in the new order), one with an op that
+    needs the former order (a ``view`` merging a channels-last tensor's dimensions: the rewrite is tried
+    on a copy of the graph, and kept only when shape propagation runs through it) and one on another
     device are left alone. BPTT's step is not rewritten: with autograd through every step, its backward
     on channels-last memory costs more than its forward gains.
 
@@ -217,7 +229,15 @@ def channels_last(program: fx.GraphModule) -> PassResult:
     spike = program.spike
     hooked = any(isinstance(n.target, ModuleHooks) for n in spike.graph.nodes)
     if input_device(spike).type != "cpu" or not torch.backends.mkldnn.is_available() or hooked or \
-            any(isinstance(m, StreamStage) for m in spike.modules()) or not _rewrite(spike):
+            any(isinstance(m, StreamStage) for m in spike.modules()):
         return PassResult(program, False)
+    candidate = _copy(spike)
+    try:
+        if not _rewrite(candidate):
+            return PassResult(program, False)
+    except RateBPError as e:        # an op of the model needs the former memory order (a view merging dimensions)
+        log.info("channels_last: the spike graph is left as it is: %s", e)
+        return PassResult(program, False)
+    spike.graph = candidate.graph
     program.recompile()
     return PassResult(program, True)

@@ -10,6 +10,7 @@ from torch import nn
 
 import ratebp_compile as rc
 from ratebp_compile import models
+from ratebp_compile.nn import LIF
 from ratebp_compile.nn.spec import NeuronSpec
 from ratebp_compile.passes import channels_last
 from ratebp_compile.passes.channels_last import _dense_order
@@ -113,12 +114,29 @@ def test_a_resnet_stays_channels_last_from_one_convolution_to_the_next():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("case", ["streamed", "no convolution", "float64", "hooked"])
+class _FlatView(nn.Module):
+    """conv – BN – LIF, then the spikes flattened by ``view``, which needs their ``[T, B, C, H, W]`` order."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.sn = LIF(decay=0.5, v_threshold=0.5)
+        self.fc = nn.Linear(4 * 25, 3)
+
+    def forward(self, x):
+        T, B = x.shape[:2]
+        s = self.sn(self.bn(self.conv(x.flatten(0, 1))).view(T, B, 4, 5, 5))
+        return self.fc(s.view(T, B, -1))
+
+
+@pytest.mark.parametrize("case", ["streamed", "no convolution", "float64", "hooked", "view"])
 def test_not_fired(case):
-    """A streamed spike pass, one without a 2-D convolution, one in float64 (which oneDNN does not take) and
-    one with a forward hook (which would see channels-last tensors: a ``view`` in it could fail) are left
-    as they are."""
-    if case == "hooked":
+    """A streamed spike pass, one without a 2-D convolution, one in float64 (which oneDNN does not take), one
+    with a forward hook (which would see channels-last tensors: a ``view`` in it could fail) and one with a
+    ``view`` that channels-last spikes could not take are left as they are."""
+    if case == "view":
+        model, x, chunk = _FlatView(), torch.rand(3, 2, 2, 5, 5), None
+    elif case == "hooked":
         model, x, chunk = Tiny(), torch.rand(2, 3, 2, 5, 5), None
         model.conv.register_forward_hook(lambda module, args, output: None)
     elif case == "streamed":
@@ -132,6 +150,20 @@ def test_not_fired(case):
     result = channels_last(program)
     assert not result.modified and result.gm.spike.code == code
     assert "channels_last" not in code
+
+
+def test_a_model_with_such_a_view_trains_as_before():
+    """The model whose ``view`` needs the former memory order: its step runs, with the pass not fired, and
+    leaves its input as it was."""
+    torch.manual_seed(0)
+    model = _FlatView().train()
+    x = torch.rand(3, 2, 2, 5, 5)
+    x_before = x.clone()
+    tm = rc.transform(model)
+    F.cross_entropy(tm(x).mean(0), torch.tensor([0, 2])).backward()
+    assert not next(r for r in tm.compiled.history if r.name == "channels_last").modified
+    assert all(p.grad is not None for p in model.parameters())
+    assert torch.equal(x, x_before)
 
 
 def test_dense_order():
