@@ -16,10 +16,11 @@ from .infra import PassRecord, PassResult, run_pipeline
 from .normalize_neurons import normalize_neurons
 from .stream_time import stream_time
 from .sync_batchnorm import sync_batchnorm
+from .unstride_pointwise_convs import unstride_pointwise_convs
 
 __all__ = ["PIPELINE", "BPTT_PIPELINE", "PassResult", "PassRecord", "run_pipeline", "normalize_neurons",
            "fold_time", "sync_batchnorm", "infer_time_layout", "classify_ops", "build_spike_graph", "build_rate_graph", "fuse_lif",
-           "stream_time", "compact_spikes", "channels_last"]
+           "unstride_pointwise_convs", "stream_time", "compact_spikes", "channels_last"]
 
 # Rate-based training step: captured graph -> program(spike graph, rate graph).
 PIPELINE = [
@@ -30,6 +31,7 @@ PIPELINE = [
     classify_ops,          # meta["ratebp.class"]: neuron / batchnorm / exact / approximate / refused
     build_spike_graph,     # program: exact no-grad forward emitting spikes, r, e, BN statistics
     build_rate_graph,      # + length-1 graph with autograd; outputs route gradients into it
+    unstride_pointwise_convs,  # CPU, rate graph: strided 1×1 convolutions read a strided slice with stride 1
     fuse_lif,              # spike-graph neurons -> fused Triton kernels where supported
     stream_time,           # spike graph -> stages run over chunks of time, when over the memory budget
     compact_spikes,        # unstreamed: spikes read again after other layers kept in 1 byte meanwhile
@@ -42,5 +44,6 @@ BPTT_PIPELINE = [
     fold_time,             # single-step loops (stateful cells, unrolled) -> the multi-step form
     sync_batchnorm,        # BatchNorms synchronised over a process group -> BatchNorm over every rank's batch
     fuse_lif,              # neurons -> fused BPTT kernels (forward + reverse-time backward) where supported
+    unstride_pointwise_convs,  # CPU: strided 1×1 convolutions read a strided slice with stride 1
 ]
 

@@ -43,7 +43,8 @@ def test_bptt_graph_with_a_learned_decay():
     gm, _ = prepare(model, [x], "normalize_neurons")
     result = fuse_lif(gm)
     assert result.modified and all(n.target.fused for n in _neurons(result.gm))
-    assert [p.__name__ for p in BPTT_PIPELINE] == ["normalize_neurons", "fold_time", "sync_batchnorm", "fuse_lif"]
+    assert [p.__name__ for p in BPTT_PIPELINE] == ["normalize_neurons", "fold_time", "sync_batchnorm", "fuse_lif",
+                                                "unstride_pointwise_convs"]
     with inputs_unchanged(x):
         out = result.gm(x)
         out.square().sum().backward()
