@@ -91,6 +91,33 @@ def test_structure_numerics_and_fired():
     assert torch.equal(x, x_before)
 
 
+class _TransposedOut(nn.Module):
+    """Returns its spikes with two dimensions swapped: an output that is dense but not contiguous."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(2, 3, 3, padding=1, bias=False), nn.BatchNorm2d(3)
+        self.sn = LIF(decay=0.5, v_threshold=0.5)
+
+    def forward(self, x):
+        T = x.shape[0]
+        return self.sn(self.bn(self.conv(x.flatten(0, 1))).unflatten(0, (T, -1))).transpose(3, 4)
+
+
+def test_a_dense_output_in_another_order_gets_its_strides_back():
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 2, 5, 6)
+    program, _ = prepare(_TransposedOut().train(), [x], "channels_last", inclusive=False)
+    before, _ = _spike_run(program.spike, x)
+    assert not before[0].is_contiguous()
+    assert channels_last(program).modified
+    assert "with_strides" in program.spike.code
+    after, _ = _spike_run(program.spike, x)
+    for a, b in zip(after, before):
+        assert a.shape == b.shape and a.stride() == b.stride()
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_a_resnet_stays_channels_last_from_one_convolution_to_the_next():
     """In a ResNet every convolution's input already is channels-last when it runs (the ``contiguous`` the
     pass put before it has nothing to do but for the first), and every neuron's permuted input is
