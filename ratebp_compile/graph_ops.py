@@ -130,7 +130,10 @@ def _normalise(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[t
     """y = (x − m)/√(v + ε)·γ + β, where m has the value of ``mean`` and the derivative of ``mean_x``, and v
     the value of ``var`` and the derivative of ``var_x``.
 
-    In float32 (float64) as written, the paper authors' order of operations. A half-precision ``x`` is
+    In float32 (float64): the values in the paper authors' order of operations, x̂ = (x − m)/√(v + ε), then
+    x̂·γ + β; v's derivatives enter through γ's factor √((v + ε)/(v + ε + δv)), of value exactly 1, so that
+    autograd keeps x̂ alone of x's size (through x̂'s √(v + ε) it kept x − m as well: a sixth of the
+    rate-based step's peak, ResNet-18 width 16, batch 32). A half-precision ``x`` is
     normalised as the BatchNorm normalises it (``F.batch_norm``: in float32, rounded once), and the
     derivatives through m and v enter through a term whose value is exactly zero: −γ·s·δm − ½·γ·s³·(x − m)·δv,
     with s = 1/√(v + ε), δm = mean_x − mean_x (detached), δv likewise.
@@ -139,10 +142,11 @@ def _normalise(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[t
     zero_m, zero_v = mean_x - mean_x.detach(), var_x - var_x.detach()
     if x.dtype not in (torch.float16, torch.bfloat16):
         m = mean.view(shape).to(x.dtype) + zero_m.view(shape).to(x.dtype)
-        v = var.view(shape).to(x.dtype) + zero_v.view(shape).to(x.dtype)
-        y = (x - m) / torch.sqrt(v + eps)
-        if weight is not None:
-            y = y * weight.view(shape)
+        v_eps = var.view(shape).to(x.dtype) + eps
+        x_hat = (x - m) / torch.sqrt(v_eps)
+        # v's derivatives (of every order) through a per-channel factor of value exactly 1
+        scale = torch.sqrt(v_eps / (v_eps + zero_v.view(shape).to(x.dtype)))
+        y = x_hat * (scale if weight is None else weight.view(shape) * scale)
         if bias is not None:
             y = y + bias.view(shape)
         return y

@@ -9,6 +9,7 @@ from torch import nn
 
 from ratebp_compile.graph_ops import (rate_batch_norm, route_gradient, spike_batch_norm, time_average,
                                       update_batch_norm_stats)
+from ratebp_compile.memory import LiveTensorTracker
 from tests.conftest import assert_close
 
 SHAPES = {"1d": (12, 3), "1d-seq": (12, 3, 5), "2d": (12, 3, 4, 4), "3d": (12, 3, 2, 3, 3)}
@@ -58,6 +59,23 @@ def test_rate_batch_norm_values_and_gradients(kind):
     g = torch.randn_like(ours)
     assert_close(torch.cat([t.flatten() for t in torch.autograd.grad(ours, (x, w, b), g)]),
                  torch.cat([t.flatten() for t in torch.autograd.grad(ref, (x, w, b), g)]))
+
+
+def test_rate_batch_norm_values_and_what_it_keeps_for_backward():
+    """The values are bitwise those of (x − m)/√(v + ε)·γ + β with the spike pass's statistics, and after the
+    forward only two new tensors of x's size are alive: the output and x̂ (x − m is not kept)."""
+    torch.manual_seed(0)
+    x = (torch.randn(16, 3, 8, 8) + 0.5).requires_grad_()
+    mean_s, var_s = torch.rand(3), torch.rand(3) + 0.5
+    w, b = torch.rand(3, requires_grad=True), torch.rand(3, requires_grad=True)
+    with LiveTensorTracker() as tracker:
+        y = rate_batch_norm(x, w, b, mean_s, var_s, 1e-5)
+        alive = tracker.current_bytes
+    shape = (1, 3, 1, 1)
+    plain = (x.detach() - mean_s.view(shape)) / torch.sqrt(var_s.view(shape) + 1e-5) * w.detach().view(shape) + \
+        b.detach().view(shape)
+    assert torch.equal(y.detach(), plain)
+    assert 2 * x.nbytes <= alive < 2.5 * x.nbytes
 
 
 def test_rate_batch_norm_computes_no_batch_statistics_and_twice_differentiable():
