@@ -99,10 +99,9 @@ def _permute_neuron(node: fx.Node, graph: fx.Graph) -> bool:
 
 def _restore_outputs(graph: fx.Graph, before: List[Optional[torch.Tensor]]) -> None:
     """Give every output of the graph whose strides the rewrite changed those it had before: the rate pass
-    and the user's code then see the tensors they saw without the pass. (This also keeps the rate pass's
-    convolutions from a channels-last input with a contiguous gradient, a case in which PyTorch 2.13's CPU
-    convolution backward now and then returns a wrong weight gradient: a 1×1 stride-2 convolution, about
-    one call in thirty.)"""
+    and the user's code then see the tensors they saw without the pass. (This also keeps the eager rate
+    pass's convolutions on contiguous input, off the case in which PyTorch 2.13's CPU backward of a strided
+    1×1 convolution goes wrong; ``unstride_pointwise_convs`` takes those convolutions out of it anyway.)"""
     output = graph.output_node()
     values = output.args[0] if isinstance(output.args[0], (tuple, list)) else (output.args[0],)
     restored = []
