@@ -3,7 +3,8 @@ with stride 1, in the graph that runs with autograd."""
 from __future__ import annotations
 
 import operator
-from typing import List, Optional, Tuple
+from dataclasses import dataclass
+from typing import Any, List, Optional, Tuple
 
 import torch
 import torch.fx as fx
@@ -19,18 +20,25 @@ PASS = "unstride_pointwise_convs"
 
 #: The functional convolutions (``F.conv2d`` is ``torch.conv2d``) by number of spatial dimensions.
 _FUNCTIONS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
+_BY_DIMS = {n: fn for fn, n in _FUNCTIONS.items()}
 #: The convolution modules whose call is exactly their functional form (``forward`` and ``_conv_forward``
 #: not overridden: a subclass that standardises its weights is left alone).
 _MODULES = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
 
 
+@dataclass
 class _Conv:
-    """A convolution node's input, weight and bias (nodes, or None) and settings, each spatial one as a tuple."""
+    """A convolution node's input, weight and bias (nodes, a module's attribute path, or None) and settings,
+    each spatial one as a tuple (None: not a constant this pass reads)."""
 
-    def __init__(self, x, weight, bias, stride, padding, dilation, groups, padding_mode="zeros"):
-        self.x, self.weight, self.bias = x, weight, bias
-        self.stride, self.padding, self.dilation = stride, padding, dilation
-        self.groups, self.padding_mode = groups, padding_mode
+    x: Any
+    weight: Any
+    bias: Any
+    stride: Optional[Tuple[int, ...]]
+    padding: Optional[Tuple[int, ...]]
+    dilation: Optional[Tuple[int, ...]]
+    groups: int
+    padding_mode: str = "zeros"
 
 
 def _spatial(value, n: int) -> Optional[Tuple[int, ...]]:
@@ -113,8 +121,7 @@ def _rewrite(node: fx.Node, conv: _Conv, n: int, gm: fx.GraphModule) -> None:
             weight = copy_meta(graph.get_attr(weight), node, PASS)
         if isinstance(bias, str):
             bias = copy_meta(graph.get_attr(bias), node, PASS)
-        new = graph.call_function([f for f, k in _FUNCTIONS.items() if k == n][0],
-                                  (x, weight, bias, 1, 0, conv.dilation, conv.groups))
+        new = graph.call_function(_BY_DIMS[n], (x, weight, bias, 1, 0, conv.dilation, conv.groups))
         copy_meta(new, node, PASS)
     node.replace_all_uses_with(new)
     graph.erase_node(node)
