@@ -62,9 +62,9 @@ def _rate_inputs(program, x):
 
 def test_structure_numerics_and_fired():
     torch.manual_seed(0)
-    x = torch.rand(2, 3, 2, 6, 6)
+    x = torch.rand(2, 3, 2, 6, 6, dtype=torch.float64)
     with inputs_unchanged(x):
-        program, _ = prepare(Shortcut().train(), [x], "unstride_pointwise_convs", inclusive=False)
+        program, _ = prepare(Shortcut().double().train(), [x], "unstride_pointwise_convs", inclusive=False)
         args = _rate_inputs(program, x)
         before = program.rate(*args)[0]
         result = unstride_pointwise_convs(program)
@@ -76,9 +76,9 @@ def test_structure_numerics_and_fired():
 
 
 def test_step_matches_the_step_without_the_pass():
-    torch.manual_seed(0)
-    x, y = torch.rand(3, 4, 2, 6, 6), torch.tensor([0, 1, 2, 1])
-    out, out_without, grads = step_with_and_without(unstride_pointwise_convs, Shortcut().train(), x, y)
+    torch.manual_seed(0)          # float64: the comparison is of the rewrite, not of float32's rounding
+    x, y = torch.rand(3, 4, 2, 6, 6, dtype=torch.float64), torch.tensor([0, 1, 2, 1])
+    out, out_without, grads = step_with_and_without(unstride_pointwise_convs, Shortcut().double().train(), x, y)
     assert_close(out, out_without)
     for name, g, g_without in grads:
         assert_close(g, g_without, name)
@@ -154,10 +154,11 @@ CASES = {
 def test_each_form_gives_the_same_values_and_gradients(case):
     make, shape = CASES[case]
     torch.manual_seed(0)
-    module = nn.Sequential(make())          # a torch.nn convolution in it is traced as a module call
+    # float64: the rewrite's sums against the strided convolution's, without float32's rounding of either
+    module = nn.Sequential(make()).double()   # a torch.nn convolution in it is traced as a module call
     twin = copy.deepcopy(module)
     gm = fx.symbolic_trace(module)
-    x = torch.rand(shape)
+    x = torch.rand(shape, dtype=torch.float64)
     propagate_shapes(gm, [x])
     with inputs_unchanged(x):
         result = unstride_pointwise_convs(gm)
@@ -176,9 +177,9 @@ def test_each_form_gives_the_same_values_and_gradients(case):
 
 def test_bptt_graph_is_rewritten_too():
     torch.manual_seed(0)
-    model = Shortcut().train()
+    model = Shortcut().double().train()
     twin = copy.deepcopy(model)
-    x, y = torch.rand(3, 4, 2, 6, 6), torch.tensor([0, 1, 2, 1])
+    x, y = torch.rand(3, 4, 2, 6, 6, dtype=torch.float64), torch.tensor([0, 1, 2, 1])
     tm = rc.transform(model, method="bptt")
     with inputs_unchanged(x):
         F.cross_entropy(tm(x).mean(0), y).backward()
@@ -239,3 +240,21 @@ def test_compiled_backward_repeats_exactly():
     differ, off = done.stdout.split()
     assert int(differ) == 0, f"{differ} of 59 repeated backward passes gave another weight gradient"
     assert float(off) < 1e-5
+
+
+def test_a_hooked_convolution_in_bptt_still_runs_its_hooks_once_with_the_plain_values():
+    torch.manual_seed(0)
+    model = Shortcut().double().train()
+    twin = copy.deepcopy(model)
+    seen, seen_plain = [], []
+    model.down.register_forward_hook(lambda m, args, out: seen.append(out.detach().clone()))
+    twin.down.register_forward_hook(lambda m, args, out: seen_plain.append(out.detach().clone()))
+    x = torch.rand(3, 4, 2, 6, 6, dtype=torch.float64)
+    tm = rc.transform(model, method="bptt")
+    with inputs_unchanged(x):
+        tm(x).sum().backward()
+        twin(x).sum().backward()
+    assert any(r.name == "unstride_pointwise_convs" and r.modified for r in tm.compiled.history)
+    assert len(seen) == len(seen_plain) == 1
+    assert_close(seen[0], seen_plain[0])
+    assert_close(model.down.weight.grad, twin.down.weight.grad)
