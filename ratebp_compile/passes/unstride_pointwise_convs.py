@@ -28,17 +28,18 @@ _MODULES = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
 
 @dataclass
 class _Conv:
-    """A convolution node's input, weight and bias (nodes, a module's attribute path, or None) and settings,
-    each spatial one as a tuple (None: not a constant this pass reads)."""
+    """A convolution node's input, weight and bias (nodes, a module's attribute path, or None) and settings:
+    stride and dilation per spatial dimension, the padding as ``F.pad``'s list with its mode (None where a
+    setting is not a constant this pass reads)."""
 
     x: Any
     weight: Any
     bias: Any
     stride: Optional[Tuple[int, ...]]
-    padding: Optional[Tuple[int, ...]]
+    pads: Optional[List[int]]
+    pad_mode: str
     dilation: Optional[Tuple[int, ...]]
     groups: int
-    padding_mode: str = "zeros"
 
 
 def _spatial(value, n: int) -> Optional[Tuple[int, ...]]:
@@ -65,9 +66,12 @@ def _as_conv(node: fx.Node, gm: fx.GraphModule) -> Optional[Tuple[_Conv, int]]:
         n = _exact_module(module)
         if n is None or len(node.args) != 1 or node.kwargs:
             return None
+        if module.padding_mode == "zeros":
+            pads, mode = _pads(_spatial(module.padding, n)), "constant"
+        else:       # what the module's forward pads with (set from ``padding`` when it was built)
+            pads, mode = list(module._reversed_padding_repeated_twice), module.padding_mode
         return _Conv(node.args[0], f"{node.target}.weight", None if module.bias is None else f"{node.target}.bias",
-                     _spatial(module.stride, n), _spatial(module.padding, n), _spatial(module.dilation, n),
-                     module.groups, module.padding_mode), n
+                     _spatial(module.stride, n), pads, mode, _spatial(module.dilation, n), module.groups), n
     if node.op != "call_function" or node.target not in _FUNCTIONS:
         return None
     n = _FUNCTIONS[node.target]
@@ -78,7 +82,8 @@ def _as_conv(node: fx.Node, gm: fx.GraphModule) -> Optional[Tuple[_Conv, int]]:
     x, weight, bias, stride, padding, dilation, groups = values
     if not isinstance(groups, int):
         return None
-    return _Conv(x, weight, bias, _spatial(stride, n), _spatial(padding, n), _spatial(dilation, n), groups), n
+    return _Conv(x, weight, bias, _spatial(stride, n), _pads(_spatial(padding, n)), "constant", _spatial(dilation, n),
+                 groups), n
 
 
 def _weight_shape(conv: _Conv, gm: fx.GraphModule) -> Optional[torch.Size]:
@@ -95,25 +100,24 @@ def _strided_pointwise(node: fx.Node, gm: fx.GraphModule) -> Optional[Tuple[_Con
         return None
     conv, n = found
     shape = _weight_shape(conv, gm)
-    if None in (conv.stride, conv.padding, conv.dilation) or shape is None or len(shape) != n + 2:
+    if None in (conv.stride, conv.pads, conv.dilation) or shape is None or len(shape) != n + 2:
         return None
     if any(k != 1 for k in shape[2:]) or all(s == 1 for s in conv.stride):
         return None
     return found
 
 
-def _pads(padding: Tuple[int, ...]) -> List[int]:
+def _pads(padding: Optional[Tuple[int, ...]]) -> Optional[List[int]]:
     """``F.pad``'s list for ``padding`` on each spatial dimension (the last dimension's pair first)."""
-    return [p for d in reversed(padding) for p in (d, d)]
+    return None if padding is None else [p for d in reversed(padding) for p in (d, d)]
 
 
 def _rewrite(node: fx.Node, conv: _Conv, n: int, gm: fx.GraphModule) -> None:
     graph = gm.graph
     with graph.inserting_before(node):
         x = conv.x
-        if any(conv.padding):
-            mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
-            x = copy_meta(graph.call_function(F.pad, (x, _pads(conv.padding)), {"mode": mode}), node, PASS)
+        if any(conv.pads):
+            x = copy_meta(graph.call_function(F.pad, (x, conv.pads), {"mode": conv.pad_mode}), node, PASS)
         index = (Ellipsis, *(slice(None, None, s) for s in conv.stride))
         x = copy_meta(graph.call_function(operator.getitem, (x, index)), node, PASS)
         weight, bias = conv.weight, conv.bias
@@ -159,7 +163,8 @@ def unstride_pointwise_convs(gm: fx.GraphModule) -> PassResult:
     rewritten, whatever its channels: oneDNN's block is 8 or 16 channels depending on the CPU, and the
     slice costs a copy of a fraction of the input.
 
-    A padded one is padded first (``F.pad``, its ``padding_mode``). A module is called in its functional
+    A padded one is padded first (``F.pad``, as the module's forward pads: a ``padding_mode`` other than
+    zeros with the amounts the module was built with). A module is called in its functional
     form with its own weight and bias; a subclass of ``Conv1d/2d/3d`` that overrides its forward is left
     alone, as is a convolution whose stride or padding is only known at run time.
 

@@ -258,3 +258,33 @@ def test_a_hooked_convolution_in_bptt_still_runs_its_hooks_once_with_the_plain_v
     assert len(seen) == len(seen_plain) == 1
     assert_close(seen[0], seen_plain[0])
     assert_close(model.down.weight.grad, twin.down.weight.grad)
+
+
+def test_a_padding_mode_pads_as_the_modules_forward_does():
+    """A ``Conv2d`` with ``padding_mode="reflect"`` pads with the amounts it was built with, even when its
+    ``padding`` was assigned since: the rewrite pads as the module does, not as the attribute says."""
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Conv2d(3, 4, 1, stride=2, padding=1, padding_mode="reflect")).double()
+    module[0].padding = (0, 0)
+    gm = fx.symbolic_trace(module)
+    x = torch.rand(2, 3, 7, 7, dtype=torch.float64)
+    propagate_shapes(gm, [x])
+    assert unstride_pointwise_convs(gm).modified
+    assert_close(gm(x), module(x))
+
+
+def test_a_convolution_changed_after_compiling_is_compiled_again():
+    """The rewrite bakes the convolution's settings into the program (its bias, when it has one, read by path):
+    giving it a bias after the first step must not leave the program running without it."""
+    torch.manual_seed(0)
+    model = Shortcut().double().train()
+    model.down.bias = None
+    tm = rc.transform(model)
+    x = torch.rand(3, 4, 2, 6, 6, dtype=torch.float64)
+    with inputs_unchanged(x):
+        tm(x)
+        first = tm.compiled
+        model.down.bias = nn.Parameter(torch.ones(4, dtype=torch.float64))
+        out = tm(x)
+    assert tm.compiled is not first
+    assert_close(out, copy.deepcopy(model)(x))
