@@ -213,10 +213,12 @@ class _StageBuilder:
         this chunk, computed already by the statistics pass."""
         g = fx.Graph()
         env: Dict[fx.Node, object] = {}
+        stored: Dict[fx.Node, fx.Node] = {}       # 1-byte spikes: cast to the compute dtype where first read
         for leaf in self.leaves:
-            env[leaf] = g.placeholder(leaf.name)
-            if leaf in self.stored_dtype:            # 1-byte spikes: cast the chunk to the compute dtype
-                env[leaf] = g.call_method("to", (env[leaf], tensor_val(leaf).dtype))
+            if leaf in self.stored_dtype:
+                stored[leaf] = g.placeholder(leaf.name)
+            else:
+                env[leaf] = g.placeholder(leaf.name)
         stats = {}
         for bn in known:
             stats[bn] = (g.placeholder(f"mean_{bn.name}"), g.placeholder(f"var_{bn.name}"))
@@ -226,6 +228,9 @@ class _StageBuilder:
 
         def mapped(a: fx.Node):
             if a in env:
+                return env[a]
+            if a in stored:
+                env[a] = g.call_method("to", (stored[a], tensor_val(a).dtype))
                 return env[a]
             if a.op == "get_attr":
                 env[a] = g.get_attr(a.target)

@@ -116,6 +116,28 @@ def test_residual_block_reads_stored_spikes_twice_and_stores_them_once():
     assert len(whole) == 1 and whole[0].value_shape == (5, 2, 10)    # only the per-step logits: in float
 
 
+def test_a_chunk_graph_casts_only_the_stored_spikes_it_reads():
+    """1-byte spikes are cast to the compute dtype in the chunk graphs that read them, once each; a chunk
+    graph that computes from kept BatchNorm inputs, or a statistics graph that does not need the block's
+    input, casts nothing of it (the cast would be a whole chunk's copy for nothing)."""
+    model = models.resnet18(num_classes=10, in_channels=3, width=4).double()
+    program = _assert_same_step(model, torch.rand(5, 2, 3, 16, 16, dtype=torch.float64))
+    casts = 0
+    for stage in _stages(program).values():
+        for graphs in (stage.value_graphs, stage.stats_graphs, stage.first_graphs):
+            for gm in graphs.values():
+                for node in gm.graph.nodes:
+                    if node.op == "call_method" and node.target == "to":
+                        assert node.args[0].op == "placeholder" and node.users, gm.code
+                        casts += 1
+                placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+                assert sum(1 for n in gm.graph.nodes if n.target == "to") <= len(placeholders)
+    assert casts > 0
+    block = _stages(program)["stream_layers_0_0_sn2"]   # conv2 on the block's first spikes, plus the shortcut
+    assert [n.target for n in block.first_graphs["2"].graph.nodes if n.op == "call_method" and n.target == "to"] \
+        == ["to"]                   # the shortcut's spikes only: conv2's input is kept from the statistics pass
+
+
 class _Shared(nn.Module):
     """One convolution feeding two neurons (stored once), a reduction over time of spikes (cast back
     from 1 byte), a learned decay and a custom neuron."""
