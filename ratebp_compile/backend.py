@@ -9,7 +9,9 @@ neuron's training flag, ``marks.neuron_mode``; SpikingJelly's as its own custom 
 and other registered neurons as one module call each, ``dynamo_neurons``, whose settings the backend
 guards itself); the backend runs the same pipeline as ``transform`` on that graph and returns the
 program, whose spike graph (no autograd) and rate graph (through AOTAutograd) are compiled by the
-``compiler`` option: "inductor" (default), "aot_eager" or "eager" (debugging). Gradients equal
+``compiler`` option: "inductor" (default), "aot_eager" or "eager" (debugging); a streamed spike pass keeps
+its loop over the chunks, and its chunk graphs are compiled on CUDA only (``_compile_chunk_graphs``
+says why). Gradients equal
 ``transform``'s. Which step a graph gets follows the rule ``transform`` uses (``options.step_kind``):
 the compiled step in training mode — the neurons' mode — with autograd on, the plain SNN otherwise. The
 whole SNN must reach the backend as one graph: a training graph that a graph break cut (before or after the
@@ -48,7 +50,7 @@ from .nn.spec import call_form, neuron_op, starts_from_stored
 from .oprules import arg, is_module_state
 from .options import StepOptions, step_kind
 from .passes.batchnorm_parts import is_batchnorm, uses_batch_statistics
-from .passes.infra import snapshot
+from .passes.infra import input_device, snapshot
 from .passes.sync_batchnorm import refuse_local_batchnorms
 from .program import Program, compile_program
 from .statewatch import StateWatch
@@ -383,6 +385,23 @@ def _module_guards(gm: fx.GraphModule, reads: Dict[nn.Module, Set[str]]) -> Opti
     return Guards(gm, reads, stored_state=stored)
 
 
+def _compile_chunk_graphs(spike: fx.GraphModule, compiler: str) -> None:
+    """A streamed spike pass keeps its loop over the chunks in Python. On CUDA each chunk graph is compiled.
+    On CPU they run as they are: each is a convolution (an external call, compiled or not) and one to three
+    element-wise ops, and Inductor's code for them was slower than ATen's — its cast of the 1-byte spikes
+    to float 5× slower (a 128×16×32×32 chunk, 1.3 against 0.25 ms), and its layout optimisation converts
+    every chunk to channels-last for the convolution. The anchor bench's ResNet-18 at T = 16, chunks of 8,
+    2 threads: with the chunk graphs compiled the step took 1.04–1.07× the eager step, without 0.92–0.95×
+    (the compiled rate graph's gain; BENCHMARKS.md)."""
+    if input_device(spike).type == "cpu":
+        return
+    for stage in spike.modules():
+        if isinstance(stage, StreamStage):
+            for graphs in (stage.value_graphs, stage.stats_graphs, stage.first_graphs):
+                for key in list(graphs):
+                    graphs[key] = CompiledGraph(graphs[key], compiler)
+
+
 class RateBPCompiledFunction:
     """The callable the backend returns for a training graph: the program for each concrete input
     signature is built at its first call (Dynamo may have made some sizes symbolic; the rate graph is
@@ -430,12 +449,7 @@ class RateBPCompiledFunction:
         if self.options.method == "bptt":
             program.compiled = CompiledGraph(step, compiler)
         elif any(isinstance(m, StreamStage) for m in step.spike.modules()):
-            # a streamed spike pass keeps its loop over the chunks; each chunk graph is compiled
-            for stage in step.spike.modules():
-                if isinstance(stage, StreamStage):
-                    for graphs in (stage.value_graphs, stage.stats_graphs, stage.first_graphs):
-                        for key in list(graphs):
-                            graphs[key] = CompiledGraph(graphs[key], compiler)
+            _compile_chunk_graphs(step.spike, compiler)
         else:
             step.spike = CompiledGraph(step.spike, compiler)
         if self.options.method == "ratebp":
