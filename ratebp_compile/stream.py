@@ -25,7 +25,7 @@ from .graph_ops import batch_moments
 from .nn.spec import NeuronSpec
 from .time_layout import TimeLayout
 
-__all__ = ["StreamStage", "StageInput", "ChannelMoments", "chunk_bounds"]
+__all__ = ["StreamStage", "StageInput", "ChannelMoments", "chunk_bounds", "memory_order", "dense_order"]
 
 def chunk_bounds(T: int, chunk: int) -> List[Tuple[int, int]]:
     """``(start, length)`` of ⌈T/chunk⌉ chunks of near-equal length (at most ``chunk``) covering T steps."""
@@ -43,6 +43,25 @@ def time_slice(x: torch.Tensor, layout: TimeLayout, T: int, start: int, length: 
     """Steps ``start … start+length−1`` of ``x`` (time at ``layout.axis``, merged time-major or not)."""
     per_step = x.shape[layout.axis] // T if layout.merged else 1
     return x.narrow(layout.axis, start * per_step, length * per_step)
+
+
+def memory_order(x: torch.Tensor) -> List[int]:
+    """The dimensions of ``x`` from the largest stride to the smallest (the first of equals first)."""
+    return sorted(range(x.dim()), key=lambda d: (-x.stride(d), d))
+
+
+def dense_order(x: torch.Tensor, leading: int = 1) -> Optional[List[int]]:
+    """For an ``x`` that is not contiguous: its :func:`memory_order`, when that keeps the first ``leading``
+    dimensions first and makes ``x.permute(order)`` contiguous (a chunk ``[n, B, C, H, W]`` of channels-last
+    activations: ``[0, 1, 3, 4, 2]``); otherwise None."""
+    order = memory_order(x)
+    if x.is_contiguous() or order[:leading] != list(range(leading)) or not x.permute(order).is_contiguous():
+        return None
+    return order
+
+
+def _permuted(shape: Sequence[int], order: Optional[Sequence[int]]) -> Tuple[int, ...]:
+    return tuple(shape) if order is None else tuple(shape[d] for d in order)
 
 
 class ChannelMoments:
@@ -104,6 +123,10 @@ class StreamStage(nn.Module):
     (one more graph input each), so that chunk is not computed twice. With ``keep_all`` it keeps every
     chunk's BatchNorm inputs (all T steps of them, when they fit the memory budget) and ``first_graphs``
     computes every chunk from them: nothing before a BatchNorm is computed twice.
+
+    A fused neuron whose input chunks come in another dense memory order than ``[n, B, C, ...]``'s
+    (channels-last activations, :func:`dense_order`) runs on them in that order, and its spikes are stored
+    in it (so the next stage's convolution reads them as they are); r, e and e_params come back contiguous.
     """
 
     def __init__(self, T: int, bounds: Sequence[Tuple[int, int]], inputs: Sequence[StageInput],
@@ -128,6 +151,15 @@ class StreamStage(nn.Module):
         self.description = description
         self.groups = list(groups) if groups is not None else [None] * len(self.batchnorms)
         self.keep_all = keep_all
+
+    def map_graphs(self, fn) -> "StreamStage":
+        """A stage like this one, but for its chunk graphs: ``fn`` of each."""
+        def mapped(graphs: nn.ModuleDict) -> Dict[str, fx.GraphModule]:
+            return {key: fn(gm) for key, gm in graphs.items()}
+        return StreamStage(self.T, self.bounds, self.inputs, self.neuron, self.value_shape, self.value_layout,
+                           self.value_dtype, self.batchnorms, self.per_step, mapped(self.value_graphs),
+                           mapped(self.stats_graphs), mapped(self.first_graphs), self.description, self.groups,
+                           self.keep_all)
 
     def _chunk_args(self, args: Sequence, start: int, length: int) -> List:
         return [a if spec.layout is None else time_slice(a, spec.layout, self.T, start, length)
@@ -161,7 +193,7 @@ class StreamStage(nn.Module):
         T, layout, neuron = self.T, self.value_layout, self.neuron
         if neuron is not None:      # the neuron scans [n, ...]: time unmerged
             steps_shape = (T, self.value_shape[0] // T) + self.value_shape[1:] if layout.merged else self.value_shape
-        value = carry = None
+        value = carry = order = None
         for i, (start, length) in enumerate(self.bounds):
             if kept[i]:
                 x, *stats = self.first_graphs[str(length)](*self._chunk_args(args, start, length), *known, *kept[i])
@@ -171,18 +203,30 @@ class StreamStage(nn.Module):
             for chunks, s in zip(per_step_chunks, stats):
                 chunks.append(s)
             if neuron is not None:
-                x, carry = neuron.scan(x.reshape((length,) + steps_shape[1:]), carry, *params)
+                x = x.reshape((length,) + steps_shape[1:])
                 if value is None:
-                    value = torch.empty(steps_shape, dtype=x.dtype, device=x.device)
+                    order = dense_order(x, leading=2) if neuron.fused else None
+                if order is not None:       # element-wise but for time: run on x in its memory order
+                    x = x.permute(order)
+                x, carry = neuron.scan(x, carry, *params)
+                if value is None:
+                    value = torch.empty(_permuted(steps_shape, order), dtype=x.dtype, device=x.device)
                 value.narrow(0, start, length).copy_(x)
             else:
                 if value is None:
                     value = torch.empty(self.value_shape, dtype=x.dtype, device=x.device)
                 time_slice(value, layout, T, start, length).copy_(x)
             del x
-        out = [value.view(self.value_shape)]
-        if neuron is not None:
-            out.extend(neuron.scan_finish(carry, T, neuron.rate_shape(self.value_shape), self.value_dtype, *params))
+        if order is None:
+            out = [value.view(self.value_shape)]
+            if neuron is not None:
+                out.extend(neuron.scan_finish(carry, T, neuron.rate_shape(self.value_shape), self.value_dtype,
+                                              *params))
+        else:                       # spikes stay in that order; the statistics are given back contiguous
+            inverse = [order.index(d) for d in range(len(order))]
+            out = [value.permute(inverse).view(self.value_shape)]
+            finished = neuron.scan_finish(carry, T, (1,) + tuple(value.shape[1:]), self.value_dtype, *params)
+            out.extend(s.permute(inverse).contiguous().reshape(neuron.rate_shape(self.value_shape)) for s in finished)
         known_iter, step_iter = iter(known), iter(per_step_chunks)
         for per_step in self.per_step:
             if per_step:

@@ -4,7 +4,7 @@ import torch
 
 from ratebp_compile.errors import RateBPError
 from ratebp_compile.options import StepOptions
-from ratebp_compile.stream import ChannelMoments, chunk_bounds, time_slice
+from ratebp_compile.stream import ChannelMoments, chunk_bounds, dense_order, memory_order, time_slice
 from ratebp_compile.time_layout import TimeLayout
 
 
@@ -27,6 +27,23 @@ def test_time_slice_stacked_and_merged():
     assert torch.equal(time_slice(x.transpose(0, 1), TimeLayout(1), 4, 2, 2), x.transpose(0, 1)[:, 2:4])
     merged = x.flatten(0, 1)                              # [T·B, 2]
     assert torch.equal(time_slice(merged, TimeLayout(0, merged=True), 4, 1, 2), x[1:3].flatten(0, 1))
+
+
+def test_dense_order():
+    """The order a fused neuron runs in: a channels-last [T, B, C, H, W] is dense in [T, B, H, W, C]; a
+    contiguous tensor, one whose leading dimensions are not outermost, and one that is not dense run as
+    they are."""
+    x = torch.empty(4, 2, 3, 5, 5)
+    assert memory_order(x) == [0, 1, 2, 3, 4] and dense_order(x) is None              # contiguous already
+    last = torch.empty(8, 3, 5, 5).contiguous(memory_format=torch.channels_last).unflatten(0, (4, 2))
+    assert dense_order(last) == dense_order(last, leading=2) == [0, 1, 3, 4, 2]
+    assert last.permute(0, 1, 3, 4, 2).is_contiguous()
+    assert dense_order(x.transpose(0, 1)) is None                                     # time not outermost
+    assert dense_order(x.transpose(1, 2)) == [0, 2, 1, 3, 4]                          # time outermost only
+    assert dense_order(x.transpose(1, 2), leading=2) is None                          # batch not next
+    assert dense_order(torch.empty(4, 2, 10)[:, :, ::2]) is None                      # not dense
+    one = torch.empty(6, 3, 1, 1).contiguous(memory_format=torch.channels_last).unflatten(0, (2, 3))
+    assert dense_order(one, leading=2) is None                  # contiguous as well: nothing to permute
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])

@@ -35,7 +35,7 @@ PIPELINE = [
     fuse_lif,              # spike-graph neurons -> fused Triton kernels where supported
     stream_time,           # spike graph -> stages run over chunks of time, when over the memory budget
     compact_spikes,        # unstreamed: spikes read again after other layers kept in 1 byte meanwhile
-    channels_last,         # unstreamed, CPU: 2-D convolutions and the neurons between them on NHWC memory
+    channels_last,         # CPU: 2-D convolutions and the neurons between them on NHWC memory, streamed or not
 ]
 
 # Plain BPTT through the same capture, for side-by-side comparison.

@@ -1,5 +1,5 @@
-"""channels_last: a spike pass on CPU runs its 2-D convolutions, and the neurons between them, on
-channels-last memory."""
+"""channels_last: a spike pass on CPU, streamed or not, runs its 2-D convolutions, and the neurons between
+them, on channels-last memory."""
 from __future__ import annotations
 
 import logging
@@ -16,7 +16,7 @@ from ..errors import RateBPError
 from ..graph_ops import with_strides
 from ..hooks import ModuleHooks
 from ..nn.spec import NeuronSpec
-from ..stream import StreamStage
+from ..stream import StreamStage, dense_order, memory_order
 from .infra import PassResult, check_values, copy_meta, input_device, postcondition, require, tensor_val
 
 __all__ = ["channels_last"]
@@ -42,23 +42,9 @@ def _conv_input(node: fx.Node, gm: fx.GraphModule) -> Optional[fx.Node]:
     return x if val is not None and val.dim() == 4 and val.dtype == torch.float32 else None
 
 
-def _memory_order(val: torch.Tensor) -> List[int]:
-    """The dimensions of ``val`` from the largest stride to the smallest (the first of equals first)."""
-    return sorted(range(val.dim()), key=lambda d: (-val.stride(d), d))
-
-
 def _dense(val: torch.Tensor) -> bool:
     """Whether ``val``'s elements fill its memory, each once (some permutation of it is contiguous)."""
-    return val.permute(_memory_order(val)).is_contiguous()
-
-
-def _dense_order(val: torch.Tensor) -> Optional[List[int]]:
-    """For a ``val`` that is not contiguous: its memory order (:func:`_memory_order`), when that keeps
-    dimension 0 first and makes ``val.permute(order)`` contiguous; otherwise None."""
-    order = _memory_order(val)
-    if val.is_contiguous() or order[0] != 0 or not val.permute(order).is_contiguous():
-        return None
-    return order
+    return val.permute(memory_order(val)).is_contiguous()
 
 
 def _neuron_outputs(node: fx.Node) -> Optional[List[fx.Node]]:
@@ -82,7 +68,7 @@ def _permute_neuron(node: fx.Node, graph: fx.Graph) -> bool:
     if not (isinstance(spec, NeuronSpec) and spec.fused):
         return False
     val = tensor_val(node.args[0])
-    order = _dense_order(val) if val is not None else None
+    order = dense_order(val) if val is not None else None
     outputs = _neuron_outputs(node) if order is not None else None
     if not outputs:
         return False
@@ -124,13 +110,12 @@ def _outputs(graph: fx.Graph) -> List[Optional[torch.Tensor]]:
     return [tensor_val(n) for n in (out if isinstance(out, (tuple, list)) else (out,))]
 
 
-def _rewrite(spike: fx.GraphModule) -> bool:
-    """:func:`channels_last` on the spike graph; whether it changed."""
-    graph = spike.graph
-    before = _outputs(graph)
+def _convert_convolutions(gm: fx.GraphModule) -> bool:
+    """Give each float32 2-D convolution of ``gm`` its input in channels-last memory; whether there was one."""
+    graph = gm.graph
     converted = False
     for node in list(graph.nodes):
-        x = _conv_input(node, spike)
+        x = _conv_input(node, gm)
         if x is None:
             continue
         with graph.inserting_before(node):
@@ -138,10 +123,35 @@ def _rewrite(spike: fx.GraphModule) -> bool:
                                    node, PASS)
         node.replace_input_with(x, contiguous)
         converted = True
-    if not converted:
+    if converted:
+        gm.recompile()
+    return converted
+
+
+def _convert_stages(spike: fx.GraphModule) -> bool:
+    """Every stage of a streamed spike graph replaced by one whose chunk graphs convert their convolutions'
+    inputs (the chunk graphs are copies: the stages of the program are left as they are); whether any did."""
+    converted = False
+    for name, stage in list(spike.named_children()):
+        if isinstance(stage, StreamStage):
+            def convert(gm: fx.GraphModule) -> fx.GraphModule:
+                nonlocal converted
+                new = _copy(gm)
+                converted = _convert_convolutions(new) or converted
+                return new
+            setattr(spike, name, stage.map_graphs(convert))
+    return converted
+
+
+def _rewrite(spike: fx.GraphModule) -> bool:
+    """:func:`channels_last` on the spike graph; whether it changed."""
+    graph = spike.graph
+    before = _outputs(graph)
+    streamed = any(isinstance(m, StreamStage) for m in spike.children())
+    if not (_convert_stages(spike) if streamed else _convert_convolutions(spike)):
         return False
     placeholders = [n.meta.get("val") for n in graph.nodes if n.op == "placeholder"]
-    propagate_shapes(spike, placeholders)
+    propagate_shapes(spike, placeholders)       # a stage's spikes: in the memory order its neuron ran on
     while any([_permute_neuron(n, graph) for n in list(graph.nodes)]):
         propagate_shapes(spike, placeholders)
     _restore_outputs(graph, before)
@@ -182,12 +192,19 @@ def channels_last(program: fx.GraphModule) -> PassResult:
     - the spike graph's outputs (the rate pass's statistics, the user's outputs) get back the strides
       they had.
 
+    A streamed spike pass (``stream_time``) gets the same: each stage is replaced by one whose chunk graphs
+    give their convolutions channels-last input; a stage whose fused neuron's input chunks then come in
+    channels-last order runs the neuron in that order and stores its spikes so (``StreamStage``), and the
+    next stage's convolution reads its chunk of them as it is. The anchor bench's ResNet-18, streamed
+    (T = 8, 16, 32; 1 and 2 threads): the eager step in 0.84–0.91× its time on contiguous memory
+    (BENCHMARKS.md).
+
     Only memory orders change: every value is what it was, but for the rounding of the convolutions' own
     algorithms. The pass plans by the strides of shape propagation's fake tensors; where a run's tensors
-    differ, a ``contiguous`` or the kernel's own copy puts them right, at the cost of a copy. A streamed
-    spike pass, one with forward hooks (which would see tensors in the new order), one with an op that
-    needs the former order (a ``view`` merging a channels-last tensor's dimensions: the rewrite is tried
-    on a copy of the graph, and kept only when shape propagation runs through it) and one on another
+    differ, a ``contiguous`` or the kernel's own copy puts them right, at the cost of a copy. A spike pass
+    with forward hooks (which would see tensors in the new order), one with an op that needs the former
+    order (a ``view`` merging a channels-last tensor's dimensions: the rewrite is tried on a copy of the
+    graph, and of the stages, and kept only when shape propagation runs through it) and one on another
     device are left alone. BPTT's step is not rewritten: with autograd through every step, its backward
     on channels-last memory costs more than its forward gains.
 
@@ -221,14 +238,26 @@ def channels_last(program: fx.GraphModule) -> PassResult:
         contiguous_9 = permute_4.contiguous()             # r in its former strides
         return (..., contiguous_9, ...)
 
+    Streamed, a stage's chunk graph before::
+
+        to = getitem_3.to(torch.float32)
+        reshape = to.reshape((128, 16, 32, 32))
+        layers_0_0_conv1 = self.layers.0.0.conv1(reshape)
+
+    After (``getitem_3``, the stored spikes, is channels-last already: the ``contiguous`` does nothing)::
+
+        to = getitem_3.to(torch.float32)
+        reshape = to.reshape((128, 16, 32, 32))
+        contiguous = reshape.contiguous(memory_format = torch.channels_last)
+        layers_0_0_conv1 = self.layers.0.0.conv1(contiguous)
+
     Holds before: a program from compact_spikes. Holds after: every spike-graph node has ``meta["val"]``;
     a permuted neuron's outputs are read only through their permutation back; the spike graph's outputs
     are those before the pass, with the same strides (their values to the convolutions' rounding).
     """
     spike = program.spike
     hooked = any(isinstance(n.target, ModuleHooks) for n in spike.graph.nodes)
-    if input_device(spike).type != "cpu" or not torch.backends.mkldnn.is_available() or hooked or \
-            any(isinstance(m, StreamStage) for m in spike.modules()):
+    if input_device(spike).type != "cpu" or not torch.backends.mkldnn.is_available() or hooked:
         return PassResult(program, False)
     candidate = _copy(spike)
     try:
@@ -238,5 +267,8 @@ def channels_last(program: fx.GraphModule) -> PassResult:
         log.info("channels_last: the spike graph is left as it is: %s", e)
         return PassResult(program, False)
     spike.graph = candidate.graph
+    for name, stage in candidate.named_children():
+        if isinstance(stage, StreamStage):
+            setattr(spike, name, stage)
     program.recompile()
     return PassResult(program, True)

@@ -13,8 +13,9 @@ from ratebp_compile import models
 from ratebp_compile.nn import LIF
 from ratebp_compile.nn.spec import NeuronSpec
 from ratebp_compile.passes import channels_last
-from ratebp_compile.passes.channels_last import _dense_order
+from ratebp_compile.stream import StreamStage
 from tests.passes.test_compact_spikes import Residual
+from tests.passes.test_stream_time import SharedConvolution
 from tests.passes.util import Tiny, prepare, step_with_and_without
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="the pass needs oneDNN")
@@ -156,27 +157,141 @@ class _FlatView(nn.Module):
         return self.fc(s.view(T, B, -1))
 
 
-@pytest.mark.parametrize("case", ["streamed", "no convolution", "float64", "hooked", "view"])
+@pytest.mark.parametrize("case", ["no convolution", "float64", "float64, streamed", "hooked", "view"])
 def test_not_fired(case):
-    """A streamed spike pass, one without a 2-D convolution, one in float64 (which oneDNN does not take), one
-    with a forward hook (which would see channels-last tensors: a ``view`` in it could fail) and one with a
-    ``view`` that channels-last spikes could not take are left as they are."""
+    """A spike pass without a 2-D convolution, one in float64 (which oneDNN does not take), streamed or not,
+    one with a forward hook (which would see channels-last tensors: a ``view`` in it could fail) and one
+    with a ``view`` that channels-last spikes could not take are left as they are. (Streamed, such a
+    ``view`` is a ``reshape`` of a chunk, which takes any memory order: see below.)"""
     if case == "view":
         model, x, chunk = _FlatView(), torch.rand(3, 2, 2, 5, 5), None
+    elif case == "float64, streamed":
+        model, x, chunk = models.resnet18(width=4).double(), torch.rand(3, 2, 3, 16, 16, dtype=torch.float64), 2
     elif case == "hooked":
         model, x, chunk = Tiny(), torch.rand(2, 3, 2, 5, 5), None
         model.conv.register_forward_hook(lambda module, args, output: None)
-    elif case == "streamed":
-        model, x, chunk = models.resnet18(width=4), torch.rand(3, 2, 3, 16, 16), 2
     elif case == "no convolution":
         model, x, chunk = Residual(), torch.rand(3, 2, 4), None
     else:
         model, x, chunk = Tiny().double(), torch.rand(2, 3, 2, 5, 5, dtype=torch.float64), None
     program, _ = prepare(model.train(), [x], "channels_last", inclusive=False, time_chunk=chunk)
+    assert (chunk is not None) == bool(_stages(program.spike))
     code = program.spike.code
+    stages = _stages(program.spike)
     result = channels_last(program)
     assert not result.modified and result.gm.spike.code == code
     assert "channels_last" not in code
+    assert _stages(result.gm.spike) == stages and not any("channels_last" in gm.code for gm in _chunk_graphs(stages))
+
+
+def _stages(spike) -> dict:
+    return {name: m for name, m in spike.named_children() if isinstance(m, StreamStage)}
+
+
+def _chunk_graphs(stages: dict) -> list:
+    return [gm for s in stages.values() for d in (s.value_graphs, s.stats_graphs, s.first_graphs)
+            for gm in d.values()]
+
+
+STREAMED_CHUNK = """
+def forward(self, getitem_3, mean_spike_batch_norm_1, var_spike_batch_norm_1):
+    to = getitem_3.to(torch.float32);  getitem_3 = None
+    reshape = to.reshape((4, 4, 16, 16));  to = None
+    contiguous = reshape.contiguous(memory_format = torch.channels_last);  reshape = None
+    layers_0_0_conv1 = getattr(getattr(self.layers, "0"), "0").conv1(contiguous);  contiguous = None
+    layers_0_0_bn1_weight = getattr(getattr(self.layers, "0"), "0").bn1.weight
+    layers_0_0_bn1_bias = getattr(getattr(self.layers, "0"), "0").bn1.bias
+    chunk_batch_norm = ratebp_compile_graph_ops_chunk_batch_norm_(layers_0_0_conv1, layers_0_0_bn1_weight, layers_0_0_bn1_bias, mean_spike_batch_norm_1, var_spike_batch_norm_1, 1e-05);  layers_0_0_conv1 = layers_0_0_bn1_weight = layers_0_0_bn1_bias = mean_spike_batch_norm_1 = var_spike_batch_norm_1 = None
+    reshape_1 = chunk_batch_norm.reshape((2, 2, 4, 16, 16));  chunk_batch_norm = None
+    return (reshape_1,)
+"""
+
+
+def test_a_streamed_spike_pass_runs_its_stages_on_channels_last_memory():
+    """Streamed, every chunk graph's convolution gets channels-last input — already so but for the network's
+    input, since each neuron's stage stores its spikes in the order its input came in — and each fused
+    neuron runs on a contiguous (permuted) chunk. The spike graph's outputs are those before, with their
+    strides; the program's former stages are left as they were (the pass rewrote copies)."""
+    torch.manual_seed(0)
+    model = models.resnet18(width=4).train()
+    x = torch.rand(5, 2, 3, 16, 16)
+    x_before = x.clone()
+    program, _ = prepare(model, [x], "channels_last", inclusive=False, time_chunk=2)
+    old_stages = _stages(program.spike)
+    old_code = [gm.code for gm in _chunk_graphs(old_stages)]
+    before, _ = _spike_run(program.spike, x)
+    result = channels_last(program)
+    assert result.modified
+    new_stages = _stages(result.gm.spike)
+    assert new_stages.keys() == old_stages.keys() and not set(new_stages.values()) & set(old_stages.values())
+    assert [gm.code for gm in _chunk_graphs(old_stages)] == old_code
+    assert new_stages["stream_layers_0_0_sn1"].value_graphs["2"].code.strip() == STREAMED_CHUNK.strip()
+
+    conv_inputs, scanned, stored = [], [], {}
+    hooks = [m.register_forward_pre_hook(lambda m, args: conv_inputs.append(args[0]))
+             for m in model.modules() if isinstance(m, nn.Conv2d)]
+    hooks += [s.register_forward_hook(lambda m, args, out, name=name: stored.__setitem__(name, out))
+              for name, s in new_stages.items()]
+    real_scan = NeuronSpec.scan
+    try:
+        NeuronSpec.scan = lambda spec, x_seq, *a: scanned.append(x_seq) or real_scan(spec, x_seq, *a)
+        after, _ = _spike_run(result.gm.spike, x)
+    finally:
+        NeuronSpec.scan = real_scan
+        for h in hooks:
+            h.remove()
+    assert len(conv_inputs) > 20 and all(t.is_contiguous(memory_format=torch.channels_last) for t in conv_inputs)
+    assert len(scanned) == 17 * 3 and all(t.is_contiguous() for t in scanned)    # 17 neurons, 3 chunks
+    spatial = [out for out in stored.values() if out[0].dim() == 5]
+    assert len(spatial) == 17
+    for out in spatial:
+        spikes, r, e = out[:3]
+        assert spikes.dtype == torch.uint8 and spikes.permute(0, 1, 3, 4, 2).is_contiguous()
+        assert r.is_contiguous() and e.is_contiguous()
+    assert len(after) == len(before)
+    for a, b in zip(after, before):
+        assert a.shape == b.shape and a.stride() == b.stride()
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert torch.equal(x, x_before)
+
+
+class _Merged(nn.Module):
+    """Two conv – BN – LIF layers on time and batch merged, ``[T·B, C, H, W]``."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.conv2, self.bn2 = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.sn1 = LIF(decay=0.5, v_threshold=0.5, time_steps=5)
+        self.sn2 = LIF(decay=0.5, v_threshold=0.5, time_steps=5)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        s = self.sn2(self.bn2(self.conv2(self.sn1(self.bn1(self.conv1(x))))))
+        return self.fc(s.mean((2, 3)))
+
+
+@pytest.mark.parametrize("name", ["resnet18", "flat view", "shared", "merged"])
+def test_a_streamed_training_step_matches_the_step_without_it(name):
+    """Streamed, through transform: the step without the pass, to rounding. Also for the model whose
+    ``view`` of spikes needs their former order unstreamed (streamed it is a ``reshape`` of each chunk),
+    one whose convolution's output is stored whole and read by a learned-decay LIF and a neuron without
+    fused kernels (which runs on its input as it comes), and one with time and batch merged."""
+    torch.manual_seed(1)
+    y = torch.tensor(1)             # the class of the batch's mean output, or of each sample:
+    if name == "resnet18":
+        model, x, y = models.resnet18(width=4), torch.rand(5, 3, 3, 16, 16), torch.tensor([1, 2, 0])
+    elif name == "flat view":
+        model, x, y = _FlatView(), torch.rand(5, 3, 2, 5, 5), torch.tensor([1, 2, 0])
+    elif name == "shared":
+        model, x = SharedConvolution(), torch.rand(5, 3, 2, 4, 4) * 2
+    else:
+        model, x, options = _Merged(), torch.rand(5 * 2, 2, 5, 5), {"input_layout": "T*B"}
+    out, out_without, grads = step_with_and_without(channels_last, model.train(), x, y, time_chunk=2,
+                                                    **(options if name == "merged" else {}))
+    torch.testing.assert_close(out, out_without, rtol=1e-5, atol=1e-5)
+    for name, grad, grad_without in grads:
+        torch.testing.assert_close(grad, grad_without, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
 
 
 def test_a_model_with_such_a_view_trains_as_before():
@@ -191,15 +306,6 @@ def test_a_model_with_such_a_view_trains_as_before():
     assert not next(r for r in tm.compiled.history if r.name == "channels_last").modified
     assert all(p.grad is not None for p in model.parameters())
     assert torch.equal(x, x_before)
-
-
-def test_dense_order():
-    x = torch.empty(4, 2, 3, 5, 5)
-    assert _dense_order(x) is None                                                   # contiguous already
-    last = torch.empty(8, 3, 5, 5).contiguous(memory_format=torch.channels_last).unflatten(0, (4, 2))
-    assert _dense_order(last) == [0, 1, 3, 4, 2]
-    assert _dense_order(x.transpose(0, 1)) is None                                   # time not outermost
-    assert _dense_order(torch.empty(4, 2, 10)[:, :, ::2]) is None                    # not dense
 
 
 def test_the_training_step_matches_the_step_without_it():

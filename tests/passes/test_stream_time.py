@@ -138,7 +138,7 @@ def test_a_chunk_graph_casts_only_the_stored_spikes_it_reads():
         == ["to"]                   # the shortcut's spikes only: conv2's input is kept from the statistics pass
 
 
-class _Shared(nn.Module):
+class SharedConvolution(nn.Module):
     """One convolution feeding two neurons (stored once), a reduction over time of spikes (cast back
     from 1 byte), a learned decay and a custom neuron."""
 
@@ -167,7 +167,7 @@ class _Custom(Neuron):
 
 
 def test_shared_values_custom_and_learned_neurons():
-    model = _Shared().double()
+    model = SharedConvolution().double()
     program = _assert_same_step(model, torch.rand(5, 3, 2, 4, 4, dtype=torch.float64) * 2)
     stages = _stages(program)
     bn = stages["stream_spike_batch_norm"]

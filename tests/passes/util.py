@@ -69,10 +69,10 @@ def tiny_input(T=2, B=3):
     return torch.rand(T, B, 2, 5, 5) * 2
 
 
-def step_with_and_without(pass_fn, model: nn.Module, x: torch.Tensor, y: torch.Tensor):
-    """One training step (cross-entropy of the time-averaged output) of ``transform(model)``, in which
-    ``pass_fn`` fired, and one of a copy of ``model`` transformed without it; the input left as it was by
-    both. Returns ``(out, out_without, [(name, grad, grad_without), ...])``."""
+def step_with_and_without(pass_fn, model: nn.Module, x: torch.Tensor, y: torch.Tensor, **options):
+    """One training step (cross-entropy of the time-averaged output) of ``transform(model, **options)``, in
+    which ``pass_fn`` fired, and one of a copy of ``model`` transformed without it; the input left as it was
+    by both. Returns ``(out, out_without, [(name, grad, grad_without), ...])``."""
     import copy
 
     import torch.nn.functional as F
@@ -82,14 +82,14 @@ def step_with_and_without(pass_fn, model: nn.Module, x: torch.Tensor, y: torch.T
 
     twin = copy.deepcopy(model)
     x_before = x.clone()
-    tm = rc.transform(model)
+    tm = rc.transform(model, **options)
     out = tm(x)
     F.cross_entropy(out.mean(0), y).backward()
     assert any(r.name == pass_fn.__name__ and r.modified for r in tm.compiled.history)
     pipeline = list(passes.PIPELINE)
     try:
         passes.PIPELINE.remove(pass_fn)
-        ref = rc.transform(twin)
+        ref = rc.transform(twin, **options)
         out_without = ref(x)
         F.cross_entropy(out_without.mean(0), y).backward()
     finally:
