@@ -294,6 +294,24 @@ def test_a_streamed_training_step_matches_the_step_without_it(name):
         torch.testing.assert_close(grad, grad_without, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
 
 
+def test_a_streamed_step_with_kept_batchnorm_inputs_matches_the_step_without_it():
+    """Under a budget with room for the BatchNorm inputs of all T steps, every chunk is computed from the
+    channels-last inputs kept from the statistics pass: the step without the pass, to rounding."""
+    from ratebp_compile.passes.stream_time import estimate_peak_bytes, kept_bytes
+
+    torch.manual_seed(2)
+    model, x, y = models.resnet18(width=4).train(), torch.rand(4, 3, 3, 16, 16), torch.tensor([1, 2, 0])
+    unstreamed, _ = prepare(copy.deepcopy(model), [x], "compact_spikes", inclusive=False)
+    budget = estimate_peak_bytes(unstreamed.spike, 4, 2) + kept_bytes(unstreamed.spike) // 2    # 2 chunks, kept
+    tm = rc.transform(copy.deepcopy(model), memory_budget=budget)
+    tm(x)
+    assert tm.compiled.step.meta["ratebp.streamed"].endswith("BatchNorm inputs kept, not recomputed)")
+    out, out_without, grads = step_with_and_without(channels_last, model, x, y, memory_budget=budget)
+    torch.testing.assert_close(out, out_without, rtol=1e-5, atol=1e-5)
+    for name, grad, grad_without in grads:
+        torch.testing.assert_close(grad, grad_without, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
 def test_a_model_with_such_a_view_trains_as_before():
     """The model whose ``view`` needs the former memory order: its step runs, with the pass not fired, and
     leaves its input as it was."""
