@@ -207,7 +207,7 @@ def forward(self, getitem_3, mean_spike_batch_norm_1, var_spike_batch_norm_1):
 """
 
 
-def test_a_streamed_spike_pass_runs_its_stages_on_channels_last_memory():
+def test_a_streamed_spike_pass_runs_its_stages_on_channels_last_memory(monkeypatch):
     """Streamed, every chunk graph's convolution gets channels-last input — already so but for the network's
     input, since each neuron's stage stores its spikes in the order its input came in — and each fused
     neuron runs on a contiguous (permuted) chunk. The spike graph's outputs are those before, with their
@@ -233,11 +233,10 @@ def test_a_streamed_spike_pass_runs_its_stages_on_channels_last_memory():
     hooks += [s.register_forward_hook(lambda m, args, out, name=name: stored.__setitem__(name, out))
               for name, s in new_stages.items()]
     real_scan = NeuronSpec.scan
+    monkeypatch.setattr(NeuronSpec, "scan", lambda spec, x_seq, *a: scanned.append(x_seq) or real_scan(spec, x_seq, *a))
     try:
-        NeuronSpec.scan = lambda spec, x_seq, *a: scanned.append(x_seq) or real_scan(spec, x_seq, *a)
         after, _ = _spike_run(result.gm.spike, x)
     finally:
-        NeuronSpec.scan = real_scan
         for h in hooks:
             h.remove()
     assert len(conv_inputs) > 20 and all(t.is_contiguous(memory_format=torch.channels_last) for t in conv_inputs)
@@ -278,7 +277,7 @@ def test_a_streamed_training_step_matches_the_step_without_it(name):
     one whose convolution's output is stored whole and read by a learned-decay LIF and a neuron without
     fused kernels (which runs on its input as it comes), and one with time and batch merged."""
     torch.manual_seed(1)
-    y = torch.tensor(1)             # the class of the batch's mean output, or of each sample:
+    y, options = torch.tensor(1), {}          # y: the class of the mean output, or one per sample
     if name == "resnet18":
         model, x, y = models.resnet18(width=4), torch.rand(5, 3, 3, 16, 16), torch.tensor([1, 2, 0])
     elif name == "flat view":
@@ -287,11 +286,10 @@ def test_a_streamed_training_step_matches_the_step_without_it(name):
         model, x = SharedConvolution(), torch.rand(5, 3, 2, 4, 4) * 2
     else:
         model, x, options = _Merged(), torch.rand(5 * 2, 2, 5, 5), {"input_layout": "T*B"}
-    out, out_without, grads = step_with_and_without(channels_last, model.train(), x, y, time_chunk=2,
-                                                    **(options if name == "merged" else {}))
+    out, out_without, grads = step_with_and_without(channels_last, model.train(), x, y, time_chunk=2, **options)
     torch.testing.assert_close(out, out_without, rtol=1e-5, atol=1e-5)
-    for name, grad, grad_without in grads:
-        torch.testing.assert_close(grad, grad_without, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+    for param, grad, grad_without in grads:
+        torch.testing.assert_close(grad, grad_without, rtol=1e-4, atol=1e-6, msg=lambda m: f"{param}: {m}")
 
 
 def test_a_streamed_step_with_kept_batchnorm_inputs_matches_the_step_without_it():
