@@ -10,7 +10,7 @@ from torch import nn
 
 import ratebp_compile as rc
 from ratebp_compile import models
-from ratebp_compile.nn import LIF
+from ratebp_compile.nn import LIF, ParametricLIF
 from ratebp_compile.nn.spec import NeuronSpec
 from ratebp_compile.passes import channels_last
 from ratebp_compile.stream import StreamStage
@@ -270,16 +270,20 @@ class _Merged(nn.Module):
         return self.fc(s.mean((2, 3)))
 
 
-@pytest.mark.parametrize("name", ["resnet18", "flat view", "shared", "merged"])
+@pytest.mark.parametrize("name", ["resnet18", "learned decay", "flat view", "shared", "merged"])
 def test_a_streamed_training_step_matches_the_step_without_it(name):
     """Streamed, through transform: the step without the pass, to rounding. Also for the model whose
     ``view`` of spikes needs their former order unstreamed (streamed it is a ``reshape`` of each chunk),
     one whose convolution's output is stored whole and read by a learned-decay LIF and a neuron without
-    fused kernels (which runs on its input as it comes), and one with time and batch merged."""
+    fused kernels (which runs on its input as it comes), and one with time and batch merged; and with
+    learned decays, whose e_params a permuted stage gives back in the former order too."""
     torch.manual_seed(1)
     y, options = torch.tensor(1), {}          # y: the class of the mean output, or one per sample
     if name == "resnet18":
         model, x, y = models.resnet18(width=4), torch.rand(5, 3, 3, 16, 16), torch.tensor([1, 2, 0])
+    elif name == "learned decay":
+        model, x, y = models.resnet18(width=4, neuron=lambda: ParametricLIF(init_tau=1.5)), \
+            torch.rand(5, 3, 3, 16, 16), torch.tensor([1, 2, 0])
     elif name == "flat view":
         model, x, y = _FlatView(), torch.rand(5, 3, 2, 5, 5), torch.tensor([1, 2, 0])
     elif name == "shared":
