@@ -131,16 +131,17 @@ def _convert_convolutions(gm: fx.GraphModule) -> bool:
 def _convert_stages(spike: fx.GraphModule) -> bool:
     """Every stage of a streamed spike graph replaced by one whose chunk graphs convert their convolutions'
     inputs (the chunk graphs are copies: the stages of the program are left as they are); whether any did."""
-    converted = False
+    converted = []
+
+    def convert(gm: fx.GraphModule) -> fx.GraphModule:
+        new = _copy(gm)
+        converted.append(_convert_convolutions(new))
+        return new
+
     for name, stage in list(spike.named_children()):
         if isinstance(stage, StreamStage):
-            def convert(gm: fx.GraphModule) -> fx.GraphModule:
-                nonlocal converted
-                new = _copy(gm)
-                converted = _convert_convolutions(new) or converted
-                return new
             setattr(spike, name, stage.map_graphs(convert))
-    return converted
+    return any(converted)
 
 
 def _rewrite(spike: fx.GraphModule) -> bool:
