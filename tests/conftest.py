@@ -81,3 +81,22 @@ def reference_files():
     if not files:
         raise FileNotFoundError(f"no reference fixtures in {REFERENCE_DIR} (set RATEBP_FIXTURES)")
     return files
+
+
+def pytest_addoption(parser):
+    parser.addoption("--slow", action="store_true",
+                     help="also run the tests marked slow (heavy torch.compile runs another test already covers)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: a heavy test left out of the default run; --slow runs it")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked slow are skipped, with the reason in the summary, unless ``--slow`` is given."""
+    if config.getoption("--slow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

@@ -150,7 +150,18 @@ def test_rate_gradients_are_not_bptt_gradients(path):
     assert any(not torch.allclose(T * r, b, rtol=1e-2, atol=1e-4) for r, b in zip(rate, bptt))
 
 
-@pytest.mark.parametrize("path", FILES, ids=[p.stem for p in FILES])
+#: The fixtures whose compiled step runs by default: a ResNet, and a VGG on an input that varies in time. The
+#: others (each compiles for 30–65 s) are marked slow; their transformed step is checked above, and
+#: tests/test_backend.py checks that the compiled step equals the transformed one on these networks.
+COMPILED_BY_DEFAULT = ("resnet18_w8_T4", "vgg11_w8_T4_varying")
+
+
+def test_the_default_run_compiles_a_fixture():
+    assert {p.stem for p in FILES} >= set(COMPILED_BY_DEFAULT)
+
+
+@pytest.mark.parametrize("path", [pytest.param(p, id=p.stem, marks=() if p.stem in COMPILED_BY_DEFAULT else
+                                               pytest.mark.slow) for p in FILES])
 def test_torch_compile_matches_the_authors(path):
     """The same step through torch.compile(model, backend="ratebp") with its default options (Inductor)."""
     blob, meta, model = _load(path)
