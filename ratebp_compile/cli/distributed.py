@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime
 import os
 import sys
+import tempfile
 from dataclasses import dataclass
 from typing import List, Sequence
 
@@ -102,8 +103,9 @@ def launch(nproc: int, argv: Sequence[str]) -> int:
     if sys.platform.startswith("linux"):
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     try:
-        torchrun(["--standalone", "--nproc-per-node", str(nproc), "--module", "ratebp_compile.cli", "train",
-                  *argv])
+        with tempfile.TemporaryDirectory(prefix="ratebp-torchrun-") as logs:  # else torchrun leaves one in /tmp
+            torchrun(["--standalone", "--nproc-per-node", str(nproc), "--log-dir", logs, "--module",
+                      "ratebp_compile.cli", "train", *argv])
     except SystemExit as e:
         return int(e.code or 0)
     except Exception as e:               # torchrun's ChildFailedError: each failed process's error is above

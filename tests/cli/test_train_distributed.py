@@ -2,6 +2,7 @@
 each batch; with --sync-bn that is one process with the whole batch, to float rounding. One record and one
 checkpoint are written (rank 0), and the checkpoint resumes into one process with the whole batch."""
 import json
+import tempfile
 
 import pytest
 import torch
@@ -42,10 +43,14 @@ def test_two_processes_equal_one_with_the_whole_batch(ratebp_train, tmp_path):
     assert [e["epoch"] for e in record["runs"][0]["epochs"]] == [1, 2]
 
 
-def test_a_failing_process_fails_the_run(ratebp_train, tmp_path):
+def test_a_failing_process_fails_the_run(ratebp_train, tmp_path, monkeypatch):
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
     code, _, _ = ratebp_train(*ARGS, "--nproc", "2", "--resume", str(tmp_path / "missing.pt"),
                               "--out", str(tmp_path / "x.json"))
     assert code != 0 and not (tmp_path / "x.json").exists()
+    assert list(temp.iterdir()) == []              # torchrun's log directory is gone
 
 
 def test_the_launcher_drops_its_own_option():
