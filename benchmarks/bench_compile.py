@@ -35,6 +35,7 @@ import ratebp_compile as rc
 from ratebp_compile import models
 from ratebp_compile.backend import compiled_for
 from ratebp_compile.cli.common import build_model
+from ratebp_compile.options import COMPILERS
 
 
 def bootstrap_median(values: List[float], resamples: int = 4000, seed: int = 0) -> List[float]:
@@ -82,7 +83,8 @@ def measure(args, T: int, chunk: int) -> Dict[str, object]:
     options = {"time_chunk": chunk} if chunk else {}
     eager_model, compiled_model = copy.deepcopy(base), copy.deepcopy(base)
     steps = {"eager": SplitStep(rc.transform(eager_model, **options), eager_model.parameters(), x, y),
-             "compiled": SplitStep(torch.compile(compiled_model, backend="ratebp", options=options),
+             "compiled": SplitStep(torch.compile(compiled_model, backend="ratebp",
+                                                 options={**options, "compiler": args.compiler}),
                                    compiled_model.parameters(), x, y)}
     start = time.perf_counter()
     steps["compiled"]()
@@ -120,6 +122,8 @@ def main() -> None:
     p.add_argument("--T", type=int, nargs="+", default=[8, 16, 32])
     p.add_argument("--time-chunk", type=int, nargs="+", default=[4, 8, 8],
                    help="one per T: the spike pass in chunks of this many steps, 0 for all at once (default 4 8 8)")
+    p.add_argument("--compiler", default="inductor", choices=COMPILERS,
+                   help="what compiles the compiled step's graphs (the backend's option; default inductor)")
     p.add_argument("--warmup", type=int, default=2, help="untimed rounds after the first (compiling) steps")
     p.add_argument("--rounds", type=int, default=40, help="timed rounds, one step of each per round")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -144,7 +148,7 @@ def main() -> None:
         record = {"command": "python benchmarks/bench_compile.py " + " ".join(
                       f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
                       for k, v in vars(args).items() if v is not None and k != "json"),
-                  "model": f"{args.model} width {args.width}", "batch_size": args.batch_size,
+                  "model": f"{args.model} width {args.width}", "compiler": args.compiler, "batch_size": args.batch_size,
                   "threads": torch.get_num_threads(), "torch": torch.__version__,
                   "machine": platform.processor() or platform.machine(),
                   "date": time.strftime("%Y-%m-%dT%H:%M:%S"), "results": results}
