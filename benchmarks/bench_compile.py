@@ -148,7 +148,8 @@ def main() -> None:
         record = {"command": "python benchmarks/bench_compile.py " + " ".join(
                       f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
                       for k, v in vars(args).items() if v is not None and k != "json"),
-                  "model": f"{args.model} width {args.width}", "compiler": args.compiler, "batch_size": args.batch_size,
+                  "model": f"{args.model} width {args.width}", "compiler": args.compiler,
+                  "batch_size": args.batch_size,
                   "threads": torch.get_num_threads(), "torch": torch.__version__,
                   "machine": platform.processor() or platform.machine(),
                   "date": time.strftime("%Y-%m-%dT%H:%M:%S"), "results": results}
