@@ -392,9 +392,9 @@ def _compile_chunk_graphs(spike: fx.GraphModule, compiler: str) -> None:
     to float 5× slower (a 128×16×32×32 chunk, 1.3 against 0.25 ms), and its layout optimisation converts
     every chunk to channels-last for the convolution. The anchor bench's ResNet-18 at T = 16, chunks of 8,
     2 threads: with the chunk graphs compiled the step took 1.04–1.07× the eager step, without 0.92–0.95×.
-    What remains is the compiled rate graph's gain, 14–18 ms a step whatever T, since the streamed spike pass
-    is the same in both steps: 0.92–1.00× the eager step at T = 8, 16 and 32 on 1 and 2 threads
-    (benchmarks/bench_compile.py; BENCHMARKS.md)."""
+    What remains is the compiled rate graph's gain, 14–19 ms a step whatever T, since the streamed spike pass
+    is the same in both steps: 0.93–0.98× the eager step at T = 8, 16 and 32 on 1 and 2 threads, each with a
+    95% interval below 1 over 160 paired steps (benchmarks/bench_compile.py; BENCHMARKS.md)."""
     if input_device(spike).type == "cpu":
         return
     for stage in spike.modules():
