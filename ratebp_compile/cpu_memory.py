@@ -19,7 +19,6 @@ are on the CPU, keeping as much as the step's memory budget (``StepOptions.memor
 from __future__ import annotations
 
 import ctypes
-import functools
 import os
 import platform
 from typing import Optional
@@ -38,12 +37,6 @@ _GLIBC_DEFAULT_MAX = 64 * 2 ** 20
 _kept = 0
 
 
-@functools.lru_cache(maxsize=None)
-def _glibc() -> bool:
-    """Whether this process runs on glibc: ``platform.libc_ver`` reads the interpreter's executable, once."""
-    return platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
-
-
 def kept_bytes() -> int:
     """What :func:`keep_freed` set so far in this process (0: malloc as it was)."""
     return _kept
@@ -56,7 +49,7 @@ def keep_freed(nbytes: Optional[int]) -> str:
     global _kept
     if os.environ.get(ENV, "1").strip() == "0":
         return f"malloc left as it is ({ENV}=0)"
-    if not _glibc():
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return "malloc left as it is (not glibc)"
     target = max(min(MAX_BYTES if nbytes is None else nbytes, MAX_BYTES), _GLIBC_DEFAULT_MAX)
     if target > _kept:
