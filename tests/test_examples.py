@@ -35,8 +35,9 @@ def test_snntorch_and_norse_digits_learn(name, library):
     assert accuracy > 0.6
 
 
-def test_data_parallel_example_learns_on_two_processes():
-    """``torchrun --standalone --nproc-per-node 2 examples/data_parallel.py`` (gloo on the loopback interface)."""
+def test_data_parallel_example_learns_on_two_processes(tmp_path):
+    """``torchrun --standalone --nproc-per-node 2 examples/data_parallel.py`` (gloo on the loopback interface;
+    torchrun's logs in ``tmp_path``, not a directory of its own left in the system's temporary directory)."""
     import os
     import re
     import subprocess
@@ -44,8 +45,9 @@ def test_data_parallel_example_learns_on_two_processes():
 
     pytest.importorskip("sklearn")
     env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           str(EXAMPLES / "data_parallel.py"), "--epochs", "4"],
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                "--log-dir", str(tmp_path / "torchrun")]
+    done = subprocess.run(torchrun + [str(EXAMPLES / "data_parallel.py"), "--epochs", "4"],
                           capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     accuracies = [float(a) for a in re.findall(r"test accuracy ([\d.]+)%", done.stdout)]
