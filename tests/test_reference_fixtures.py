@@ -150,9 +150,9 @@ def test_rate_gradients_are_not_bptt_gradients(path):
     assert any(not torch.allclose(T * r, b, rtol=1e-2, atol=1e-4) for r, b in zip(rate, bptt))
 
 
-#: The fixture whose compiled step runs by default: the ResNet at T = 4. The others (each compiles for 30–65
-#: s; the VGG on an input that varies in time among them) are marked slow to keep the default run near 20
-#: minutes; their transformed step is checked above, and tests/test_backend.py checks that the compiled step
+#: The fixture whose compiled step runs by default: the ResNet at T = 4. The others (30–65 s of compiling
+#: each; the VGG on an input that varies in time among them) are marked slow to keep the default run near
+#: 20 minutes; their transformed step is checked above, and tests/test_backend.py checks that the compiled step
 #: equals the transformed one on every zoo network (the VGG included) with inputs that vary in time.
 COMPILED_BY_DEFAULT = ("resnet18_w8_T4",)
 
